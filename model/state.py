@@ -1,0 +1,180 @@
+"""One conversation's streaming state, kept outside the model, and its bytes.
+
+What a causal step needs from the past, and nothing more:
+
+- the RUME GRU hidden state per modality and layer,
+- the window: the last W-1 utterances' inputs to every ACME layer (and their
+  self-attention outputs where a cross-modal attention reads them), with the
+  modalities present in each slot,
+- the last fused vector of each speaker (LESM's comparisons), and which
+  speaker spoke last (the previous utterance is that speaker's last).
+
+Serialised form (little-endian)::
+
+    b"CFNS" | u16 format version | u32 header length | header JSON | float32 blobs
+
+The header names the model fingerprint, position, speakers and which blobs
+follow. A modality that never occurs in the window is not stored (a phone
+call's state holds no visual window), so a state is as large as its call.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from model.errors import FingerprintMismatchError, StateFormatError
+
+MAGIC = b"CFNS"
+FORMAT_VERSION = 1
+_HEAD = struct.Struct("<4sHI")
+
+
+@dataclass
+class ConversationState:
+    """State of one conversation after ``position`` utterances.
+
+    Attributes:
+        fingerprint: the model that wrote it; another model refuses it.
+        position: utterances consumed so far.
+        rume_h: (M, R, d) GRU hidden state per modality and RUME layer.
+        win_x, win_s: (A, M, C, d) per ACME layer and modality, the window's
+            layer inputs and self-attention outputs.
+        win_present: (C, M) bool, modality present in each window slot.
+        speakers: speaker -> (d,) fused vector of their last utterance, in
+            order of recency (the last item spoke last).
+    """
+
+    fingerprint: str
+    position: int
+    rume_h: Tensor
+    win_x: Tensor
+    win_s: Tensor
+    win_present: Tensor
+    speakers: dict[str, Tensor] = field(default_factory=dict)
+
+    @property
+    def last_speaker(self) -> str | None:
+        return next(reversed(self.speakers)) if self.speakers else None
+
+    def to_bytes(self) -> bytes:
+        """Serialise (see the module docstring for the layout)."""
+        m_count = self.rume_h.shape[0]
+        # a modality with no slot present in the window needs no window blobs
+        stored = [i for i in range(m_count) if bool(self.win_present[:, i].any())]
+        header = {
+            "fingerprint": self.fingerprint,
+            "position": self.position,
+            "shape": {
+                "modalities": m_count,
+                "rume_layers": self.rume_h.shape[1],
+                "acme_layers": self.win_x.shape[0],
+                "slots": self.win_x.shape[2],
+                "d": self.rume_h.shape[2],
+            },
+            "window_modalities": stored,
+            "speakers": list(self.speakers),
+        }
+        blobs = [
+            _f32(self.rume_h),
+            np.packbits(self.win_present.numpy().astype(np.uint8)).tobytes(),
+        ]
+        if stored:
+            blobs.append(_f32(self.win_x[:, stored]))
+            blobs.append(_f32(self.win_s[:, stored]))
+        if self.speakers:
+            blobs.append(_f32(torch.stack(list(self.speakers.values()))))
+        head = json.dumps(header, separators=(",", ":")).encode()
+        return _HEAD.pack(MAGIC, FORMAT_VERSION, len(head)) + head + b"".join(blobs)
+
+    @classmethod
+    def from_bytes(cls, data: bytes, *, expected_fingerprint: str | None = None) -> ConversationState:
+        """Parse bytes written by ``to_bytes``.
+
+        Raises:
+            StateFormatError: not a state, an unknown format version, or corrupt.
+            FingerprintMismatchError: written by another model than expected.
+        """
+        if len(data) < _HEAD.size:
+            raise StateFormatError(f"state too short ({len(data)} bytes)")
+        magic, version, head_len = _HEAD.unpack_from(data)
+        if magic != MAGIC:
+            raise StateFormatError("not a CFN-ESA conversation state (bad magic)")
+        if version != FORMAT_VERSION:
+            raise StateFormatError(
+                f"state format version {version}; this code reads version {FORMAT_VERSION}"
+            )
+        try:
+            header = json.loads(data[_HEAD.size : _HEAD.size + head_len])
+            shape = header["shape"]
+            m, r, a, c, d = (
+                shape["modalities"],
+                shape["rume_layers"],
+                shape["acme_layers"],
+                shape["slots"],
+                shape["d"],
+            )
+            fingerprint = header["fingerprint"]
+            stored = list(header["window_modalities"])
+            speakers = list(header["speakers"])
+            position = int(header["position"])
+        except (ValueError, KeyError, TypeError) as exc:
+            raise StateFormatError(f"corrupt state header: {exc}") from exc
+        if expected_fingerprint is not None and fingerprint != expected_fingerprint:
+            raise FingerprintMismatchError(
+                f"state written by model {fingerprint}, this model is {expected_fingerprint}"
+            )
+        reader = _Reader(data, _HEAD.size + head_len)
+        try:
+            rume_h = reader.f32((m, r, d))
+            bits = reader.raw((c * m + 7) // 8)
+            present = np.unpackbits(np.frombuffer(bits, np.uint8))[: c * m].reshape(c, m)
+            win_x = torch.zeros(a, m, c, d)
+            win_s = torch.zeros(a, m, c, d)
+            if stored:
+                win_x[:, stored] = reader.f32((a, len(stored), c, d))
+                win_s[:, stored] = reader.f32((a, len(stored), c, d))
+            vectors = reader.f32((len(speakers), d)) if speakers else torch.zeros(0, d)
+            reader.done()
+        except ValueError as exc:
+            raise StateFormatError(f"corrupt state body: {exc}") from exc
+        return cls(
+            fingerprint=fingerprint,
+            position=position,
+            rume_h=rume_h,
+            win_x=win_x,
+            win_s=win_s,
+            win_present=torch.from_numpy(present.astype(bool)),
+            speakers={s: vectors[i] for i, s in enumerate(speakers)},
+        )
+
+
+def _f32(t: Tensor) -> bytes:
+    return t.detach().to(torch.float32).contiguous().numpy().astype("<f4", copy=False).tobytes()
+
+
+class _Reader:
+    def __init__(self, data: bytes, offset: int) -> None:
+        self.data = data
+        self.offset = offset
+
+    def raw(self, n: int) -> bytes:
+        if self.offset + n > len(self.data):
+            raise ValueError("truncated")
+        out = self.data[self.offset : self.offset + n]
+        self.offset += n
+        return out
+
+    def f32(self, shape: tuple[int, ...]) -> Tensor:
+        n = int(np.prod(shape))
+        arr = np.frombuffer(self.raw(4 * n), dtype="<f4").reshape(shape)
+        return torch.from_numpy(arr.copy())
+
+    def done(self) -> None:
+        if self.offset != len(self.data):
+            raise ValueError(f"{len(self.data) - self.offset} trailing bytes")

