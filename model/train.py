@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import random
 import time
 from collections.abc import Iterator, Sequence
@@ -326,6 +327,7 @@ def train(
     history: list[EpochRecord] = []
     start_epoch, best_epoch, best_valid = 1, 0, -1.0
     elapsed = 0.0
+    best_state: dict[str, Tensor] | None = None
 
     resume = out / "resume.pt"
     if resume.is_file():
@@ -335,6 +337,7 @@ def train(
         ):
             raise ConfigError(f"{resume} was written with other settings; use another --out")
         model.load_state_dict(saved["model"])
+        best_state = saved["best_model"]
         optimiser.load_state_dict(saved["optimiser"])
         rng.bit_generator.state = saved["rng"]
         torch.set_rng_state(saved["torch_rng"])
@@ -374,7 +377,7 @@ def train(
                 torch.nn.utils.clip_grad_norm_(model.parameters(), train_config.grad_clip)
             optimiser.step()
             n = int(b.valid.sum())
-            running += float(loss) * n
+            running += float(loss.detach()) * n
             seen += n
             bar.update(n)
             bar.set_postfix(loss=f"{running / seen:.4f}", best_valid_wf1=f"{max(best_valid, 0):.2f}")
@@ -395,15 +398,14 @@ def train(
         improved = valid_scores.weighted_f1 > best_valid
         if improved:
             best_valid, best_epoch = valid_scores.weighted_f1, epoch
-            torch.save(model.state_dict(), out / "best_weights.pt")
-        test_txt = f" test wF1 {test_scores.weighted_f1:.2f}" if test_scores else ""
-        log(
-            f"epoch {epoch:3d}  loss {running / max(seen, 1):.4f}  valid wF1 "
-            f"{valid_scores.weighted_f1:.2f}{test_txt}  {seconds:.0f}s" + ("  *" if improved else "")
-        )
+            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        # one file, replaced atomically: a crash leaves the previous epoch's
+        # complete record, never a best model of an epoch it does not know
+        tmp = resume.with_suffix(".tmp")
         torch.save(
             {
                 "model": model.state_dict(),
+                "best_model": best_state,
                 "optimiser": optimiser.state_dict(),
                 "rng": rng.bit_generator.state,
                 "torch_rng": torch.get_rng_state(),
@@ -415,10 +417,18 @@ def train(
                 "model_config": model_config.to_dict(),
                 "train_config": dataclasses.asdict(train_config),
             },
-            resume,
+            tmp,
+        )
+        os.replace(tmp, resume)
+        test_txt = f" test wF1 {test_scores.weighted_f1:.2f}" if test_scores else ""
+        log(
+            f"epoch {epoch:3d}  loss {running / max(seen, 1):.4f}  valid wF1 "
+            f"{valid_scores.weighted_f1:.2f}{test_txt}  {seconds:.0f}s" + ("  *" if improved else "")
         )
 
-    best = torch.load(out / "best_weights.pt", weights_only=True)
+    if best_state is None:
+        raise DataError("no epoch was trained")
+    best = best_state
     if half_weights:
         # score the model that is shipped: weights as stored in float16
         best = {k: v.half().float() if v.is_floating_point() else v for k, v in best.items()}
