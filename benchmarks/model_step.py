@@ -59,7 +59,9 @@ def matmul_gflops(n: int = 1024, repeat: int = 20) -> float:
     return 2 * n**3 / sec / 1e9
 
 
-def utterances(rng: np.random.Generator, cfg: ModelConfig, n: int, all_modalities: bool) -> list[Utterance]:
+def utterances(
+    rng: np.random.Generator, cfg: ModelConfig, n: int, all_modalities: bool
+) -> list[Utterance]:
     out = []
     for t in range(n):
         feats = {m: rng.standard_normal(cfg.dim(m)).astype(np.float32) for m in cfg.modalities}
@@ -91,7 +93,11 @@ def main() -> int:
     if (args.checkpoint / "config.json").is_file():
         ckpt = load_checkpoint(args.checkpoint)
         text_engine = StreamingEngine(ckpt.model, ckpt.fingerprint)
-        source = str(args.checkpoint.relative_to(ROOT) if args.checkpoint.is_relative_to(ROOT) else args.checkpoint)
+        source = str(
+            args.checkpoint.relative_to(ROOT)
+            if args.checkpoint.is_relative_to(ROOT)
+            else args.checkpoint
+        )
     else:
         torch.manual_seed(0)
         text_engine = StreamingEngine(CFNESA(ModelConfig()), "random")
@@ -128,7 +134,10 @@ def main() -> int:
     results["ratio_pos1000_vs_pos10"] = round(min(t1000) / min(t10), 3)
 
     # 3. batched steps of 64 conversations at mixed positions
-    for name, engine, every in (("text_only", text_engine, False), ("all_modalities", mm_engine, True)):
+    for name, engine, every in (
+        ("text_only", text_engine, False),
+        ("all_modalities", mm_engine, True),
+    ):
         ecfg = engine.config
         convs = [utterances(rng, ecfg, int(rng.integers(5, 60)) + 1, every) for _ in range(64)]
         states = [state_at(engine, c[:-1]) for c in convs]
@@ -143,8 +152,9 @@ def main() -> int:
         results[f"batch64_{name}_fraction_of_matmul_rate"] = round(flops / sec / 1e9 / matmul, 3)
         results[f"state_bytes_{name}"] = int(np.mean([len(s.to_bytes()) for s in states]))
 
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                            text=True).stdout.strip()
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
+    ).stdout.strip()
     record = {
         "benchmark": "model_step",
         "commit": commit,
@@ -155,8 +165,13 @@ def main() -> int:
             "cpus": torch.get_num_threads(),
             "torch": torch.__version__,
         },
-        "model": {"source": source, "d_model": cfg.d_model, "window": cfg.window_utterances,
-                  "acme_layers": cfg.acme_layers, "rume_layers": cfg.rume_layers},
+        "model": {
+            "source": source,
+            "d_model": cfg.d_model,
+            "window": cfg.window_utterances,
+            "acme_layers": cfg.acme_layers,
+            "rume_layers": cfg.rume_layers,
+        },
         "quick": args.quick,
         "results": results,
         "targets": {

@@ -100,7 +100,9 @@ def load_checkpoint(path: str | Path | None = None) -> Checkpoint:
     fp = fingerprint(config, state)
     model = CFNESA(config)
     try:
-        model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
+        model.load_state_dict(
+            {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+        )
     except RuntimeError as exc:
         raise CheckpointError(f"{path}: weights do not fit the config: {exc}") from exc
     card: dict[str, Any] = {}

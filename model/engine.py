@@ -31,7 +31,7 @@ from model.errors import (
     MissingModalityError,
     NonFiniteError,
 )
-from model.network import BatchState, CFNESA
+from model.network import CFNESA, BatchState
 from model.state import ConversationState
 
 
@@ -172,7 +172,9 @@ class StreamingEngine:
             return_state=True,
         )
         assert out.state is not None
-        return self._results(chunks, full, out.logits, out.shift_prev, out.shift_speaker, out.fused, out.state)
+        return self._results(
+            chunks, full, out.logits, out.shift_prev, out.shift_speaker, out.fused, out.state
+        )
 
     # ---------------------------------------------------------- full dialogue
 
@@ -188,7 +190,13 @@ class StreamingEngine:
             batch.features, batch.present, batch.valid, batch.prev_index, batch.speaker_prev_index
         )
         results, _ = self._results(
-            [utterances], [self.new_state()], out.logits, out.shift_prev, out.shift_speaker, None, None
+            [utterances],
+            [self.new_state()],
+            out.logits,
+            out.shift_prev,
+            out.shift_speaker,
+            None,
+            None,
         )
         return results[0]
 
@@ -232,8 +240,10 @@ class StreamingEngine:
         for i, (chunk, state) in enumerate(zip(chunks, states, strict=True)):
             cid = ids[i] if ids else f"#{i}"
             if not chunk:
-                raise InputError("empty chunk: each conversation needs at least one utterance",
-                                 conversation_id=cid)
+                raise InputError(
+                    "empty chunk: each conversation needs at least one utterance",
+                    conversation_id=cid,
+                )
             # speaker -> index in cat(bank, fused) of their last utterance, in
             # order of recency, forgetting beyond max_speakers as the state does
             known: dict[str, int] = {}

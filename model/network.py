@@ -118,13 +118,15 @@ class RUMELayer(nn.Module):
         self.norm2 = nn.LayerNorm(d)
         self.drop = nn.Dropout(dropout)
 
-    def forward(self, x: Tensor, h0: Tensor | None, lengths: Tensor | None) -> tuple[Tensor, Tensor]:
+    def forward(
+        self, x: Tensor, h0: Tensor | None, lengths: Tensor | None
+    ) -> tuple[Tensor, Tensor]:
         """x (N, L, d), h0 (N, d) or None, lengths (N,) when rows are ragged.
 
         Returns the layer output (N, L, d) and the last hidden state (N, d)
         (unidirectional; for the bidirectional GRU the forward direction's).
         """
-        n, seq, _ = x.shape
+        seq = x.shape[1]
         h = None if h0 is None else h0.unsqueeze(0).contiguous()
         if lengths is None:
             g, hn = self.gru(x, h)
@@ -310,7 +312,7 @@ class CFNESA(nn.Module):
             return_state: also return the state after the chunk (causal mode).
             all_pairs: also return LESM logits for every pair (training).
         """
-        b, seq = valid.shape
+        b = valid.shape[0]
         if return_state and not self.config.causal:
             raise RuntimeError("paper mode is bidirectional: it has no streaming state")
         if return_state and state is None:
@@ -385,8 +387,12 @@ class CFNESA(nn.Module):
             ragged = bool(((lengths > 0) & (lengths < seq)).any())
         else:
             ragged = False
-        h0 = None if state is None else state.rume_h[idx].permute(1, 0, 2, 3).reshape(
-            self.config.rume_layers, len(idx) * b, d
+        h0 = (
+            None
+            if state is None
+            else state.rume_h[idx]
+            .permute(1, 0, 2, 3)
+            .reshape(self.config.rume_layers, len(idx) * b, d)
         )  # (R, |a|*B, d)
         last = []
         for r, layer in enumerate(self.rume):

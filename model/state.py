@@ -93,7 +93,9 @@ class ConversationState:
         return _HEAD.pack(MAGIC, FORMAT_VERSION, len(head)) + head + b"".join(blobs)
 
     @classmethod
-    def from_bytes(cls, data: bytes, *, expected_fingerprint: str | None = None) -> ConversationState:
+    def from_bytes(
+        cls, data: bytes, *, expected_fingerprint: str | None = None
+    ) -> ConversationState:
         """Parse bytes written by ``to_bytes``.
 
         Raises:

@@ -150,7 +150,9 @@ def make_batch(
         kept[nothing] = present[nothing]
         present = kept
     return Batch(
-        features={m: torch.from_numpy(feats[m]) for k, m in enumerate(mods) if present[..., k].any()},
+        features={
+            m: torch.from_numpy(feats[m]) for k, m in enumerate(mods) if present[..., k].any()
+        },
         present=torch.from_numpy(present),
         valid=torch.from_numpy(valid),
         labels=torch.from_numpy(labels),
@@ -303,9 +305,7 @@ def train(
     train_set, valid_set = features.split("train"), features.split("valid")
     test_set = features.split("test") if "test" in features.splits() else []
     if not train_set or not valid_set:
-        raise DataError(
-            f"need 'train' and 'valid' splits, the feature set has {features.splits()}"
-        )
+        raise DataError(f"need 'train' and 'valid' splits, the feature set has {features.splits()}")
     if tuple(features.label_names) != model_config.label_names:
         model_config = model_config.replace(label_names=tuple(features.label_names))
     if model_config.feature_spec != features.feature_spec:
@@ -332,9 +332,9 @@ def train(
     resume = out / "resume.pt"
     if resume.is_file():
         saved = torch.load(resume, weights_only=False)  # our own file, written below
-        if saved["model_config"] != model_config.to_dict() or saved["train_config"] != dataclasses.asdict(
-            train_config
-        ):
+        if saved["model_config"] != model_config.to_dict() or saved[
+            "train_config"
+        ] != dataclasses.asdict(train_config):
             raise ConfigError(f"{resume} was written with other settings; use another --out")
         model.load_state_dict(saved["model"])
         best_state = saved["best_model"]
@@ -342,9 +342,16 @@ def train(
         rng.bit_generator.state = saved["rng"]
         torch.set_rng_state(saved["torch_rng"])
         history = [EpochRecord(**r) for r in saved["history"]]
-        start_epoch, best_epoch, best_valid = saved["epoch"] + 1, saved["best_epoch"], saved["best_valid"]
+        start_epoch, best_epoch, best_valid = (
+            saved["epoch"] + 1,
+            saved["best_epoch"],
+            saved["best_valid"],
+        )
         elapsed = saved["elapsed"]
-        log(f"resuming from epoch {start_epoch} (best so far: epoch {best_epoch}, valid wF1 {best_valid:.2f})")
+        log(
+            f"resuming from epoch {start_epoch} (best so far: epoch {best_epoch}, "
+            f"valid wF1 {best_valid:.2f})"
+        )
 
     n_utts = sum(d.length for d in train_set)
     for epoch in range(start_epoch, train_config.epochs + 1):
@@ -355,14 +362,24 @@ def train(
         model.train()
         running, seen = 0.0, 0
         bar = tqdm(
-            total=n_utts, desc=f"epoch {epoch}/{train_config.epochs}", unit="utt",
-            disable=not progress, leave=False, dynamic_ncols=True,
+            total=n_utts,
+            desc=f"epoch {epoch}/{train_config.epochs}",
+            unit="utt",
+            disable=not progress,
+            leave=False,
+            dynamic_ncols=True,
         )
         for chunk in batches(train_set, train_config.batch_size, rng):
-            b = make_batch(chunk, model_config, modality_dropout=train_config.modality_dropout, rng=rng)
+            b = make_batch(
+                chunk, model_config, modality_dropout=train_config.modality_dropout, rng=rng
+            )
             use_pairs = train_config.shift_lambda > 0
             outputs = model(
-                b.features, b.present, b.valid, b.prev_index, b.speaker_prev_index,
+                b.features,
+                b.present,
+                b.valid,
+                b.prev_index,
+                b.speaker_prev_index,
                 all_pairs=use_pairs,
             )
             loss = emotion_loss(outputs.logits, b.labels, train_config, cw)
@@ -380,7 +397,9 @@ def train(
             running += float(loss.detach()) * n
             seen += n
             bar.update(n)
-            bar.set_postfix(loss=f"{running / seen:.4f}", best_valid_wf1=f"{max(best_valid, 0):.2f}")
+            bar.set_postfix(
+                loss=f"{running / seen:.4f}", best_valid_wf1=f"{max(best_valid, 0):.2f}"
+            )
         bar.close()
         valid_scores = evaluate(model, valid_set)
         test_scores = evaluate(model, test_set) if test_set else None
@@ -423,7 +442,8 @@ def train(
         test_txt = f" test wF1 {test_scores.weighted_f1:.2f}" if test_scores else ""
         log(
             f"epoch {epoch:3d}  loss {running / max(seen, 1):.4f}  valid wF1 "
-            f"{valid_scores.weighted_f1:.2f}{test_txt}  {seconds:.0f}s" + ("  *" if improved else "")
+            f"{valid_scores.weighted_f1:.2f}{test_txt}  {seconds:.0f}s"
+            + ("  *" if improved else "")
         )
 
     if best_state is None:
@@ -441,7 +461,9 @@ def train(
             "source": features.source,
             "label_field": features.label_field,
             "splits": {s: len(features.split(s)) for s in features.splits()},
-            "utterances": {s: int(sum(d.length for d in features.split(s))) for s in features.splits()},
+            "utterances": {
+                s: int(sum(d.length for d in features.split(s))) for s in features.splits()
+            },
         },
         "feature_spec": features.feature_spec,
         "label_names": list(model_config.label_names),

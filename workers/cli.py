@@ -87,13 +87,18 @@ def cmd_train(args: argparse.Namespace) -> int:
             shift_lambda=args.shift_lambda,
             patience=args.patience,
             modality_dropout=args.modality_dropout,
-            lesm_second_pass=None if args.second_pass is None else args.second_pass == "on",
+            lesm_second_pass=None if args.second_pass is None else args.second_pass == "on",  # noqa: S105
         ).items()
         if v is not None
     }
     train_config = train_preset(args.train_preset, **train_overrides)
     result = train(
-        features, model_config, train_config, args.out, progress=not args.quiet, half_weights=args.half
+        features,
+        model_config,
+        train_config,
+        args.out,
+        progress=not args.quiet,
+        half_weights=args.half,
     )
     print(f"best epoch {result.best_epoch}: valid wF1 {result.valid.weighted_f1:.2f}")
     if result.test is not None:
@@ -118,19 +123,78 @@ def cmd_eval(args: argparse.Namespace) -> int:
             f"{ckpt.config.feature_spec!r}"
         )
     scores = evaluate(ckpt.model, features.split(args.split))
-    print(json.dumps({"checkpoint": str(ckpt.path), "model": ckpt.model_id, "split": args.split,
-                      **scores.to_dict()}, indent=2))
+    print(
+        json.dumps(
+            {
+                "checkpoint": str(ckpt.path),
+                "model": ckpt.model_id,
+                "split": args.split,
+                **scores.to_dict(),
+            },
+            indent=2,
+        )
+    )
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Stream test conversations through the shipped model, one utterance at a
+    time, printing emotions and shift probabilities as they come.
+
+    For now in-process (no Kafka/Redis yet: issue 3 puts the pipeline around
+    this loop); the numbers are those the workers will produce.
+    """
+    import time
+
+    from model.encoder import encode_transcripts
+    from model.engine import StreamingEngine, Utterance
+
+    engine = StreamingEngine.load(args.checkpoint)
+    features = encode_transcripts(_transcript_path(args.data), label_field="emotion")
+    dialogues = [d for d in features.split("test") if d.length >= 6][: args.calls]
+    print(
+        f"model {engine.config.name}@{engine.fingerprint}: streaming {len(dialogues)} calls "
+        f"(Ctrl-C stops)\n"
+    )
+    states: list = [None] * len(dialogues)
+    longest = max(d.length for d in dialogues)
+    for t in range(longest):
+        live = [i for i, d in enumerate(dialogues) if t < d.length]
+        chunks = [[Utterance(dialogues[i].speakers[t], text=dialogues[i].text[t])] for i in live]  # type: ignore[index]
+        t0 = time.perf_counter()
+        results, new = engine.step(chunks, [states[i] for i in live])
+        ms = (time.perf_counter() - t0) * 1e3
+        for i, (res,), state in zip(live, results, new, strict=True):
+            states[i] = state
+            shift = res.shift_vs_speaker_previous
+            flag = (
+                "  <-- shift"
+                if shift is not None and shift > 0.8 and res.emotion != "neutral"
+                else ""
+            )
+            shift_txt = "  -  " if shift is None else f"{shift:.2f}"
+            print(
+                f"call {dialogues[i].dialogue_id:>12} #{t:<3} {res.speaker:>6}  "
+                f"{res.emotion:>9} {res.confidence:.2f}  p_shift {shift_txt}{flag}"
+            )
+        print(f"-- step {t}: {len(live)} calls in one batch, {ms:.1f} ms")
+        time.sleep(args.delay)
     return 0
 
 
 def _add_data_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", default="meld", help="transcript JSONL path, or a name in the data folder")
+    p.add_argument(
+        "--data", default="meld", help="transcript JSONL path, or a name in the data folder"
+    )
     p.add_argument("--label-field", default="emotion", help="utterance field holding the labels")
-    p.add_argument("--features", help="a feature file written by `cfnesa features` instead of --data")
+    p.add_argument(
+        "--features", help="a feature file written by `cfnesa features` instead of --data"
+    )
     p.add_argument("--official", help="the authors' official feature pickle instead of --data")
     p.add_argument("--official-dataset", choices=["meld", "iemocap"], default=None)
     p.add_argument(
-        "--trust-pickle", action="store_true",
+        "--trust-pickle",
+        action="store_true",
         help="allow loading --official (pickle runs code: only files you trust)",
     )
 
@@ -179,6 +243,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", help="checkpoint folder (default: the shipped model)")
     p.add_argument("--split", default="test")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("demo", help="stream test conversations through the model, live")
+    p.add_argument("--data", default="meld")
+    p.add_argument("--checkpoint", help="checkpoint folder (default: the shipped model)")
+    p.add_argument("--calls", type=int, default=8, help="concurrent calls")
+    p.add_argument("--delay", type=float, default=0.3, help="seconds between steps")
+    p.set_defaults(func=cmd_demo)
     return parser
 
 

@@ -24,8 +24,15 @@ from model.state import FORMAT_VERSION, ConversationState
 @pytest.fixture(scope="module")
 def engine() -> StreamingEngine:
     torch.manual_seed(0)
-    cfg = ModelConfig(text_dim=8, audio_dim=4, d_model=16, heads=2, acme_layers=1,
-                      window_utterances=3, label_names=("calm", "angry", "sad"))
+    cfg = ModelConfig(
+        text_dim=8,
+        audio_dim=4,
+        d_model=16,
+        heads=2,
+        acme_layers=1,
+        window_utterances=3,
+        label_names=("calm", "angry", "sad"),
+    )
     return StreamingEngine(CFNESA(cfg), fingerprint="abc")
 
 
@@ -110,6 +117,8 @@ def test_step_does_not_modify_given_states(engine):
 
 
 def test_paper_mode_has_no_streaming():
-    model = CFNESA(ModelConfig(mode="paper", text_dim=8, d_model=16, heads=2, label_names=("a", "b")))
+    model = CFNESA(
+        ModelConfig(mode="paper", text_dim=8, d_model=16, heads=2, label_names=("a", "b"))
+    )
     with pytest.raises(InputError):
         StreamingEngine(model, "x")

@@ -40,7 +40,9 @@ def _engine(window: int, seed: int, modalities: tuple[str, ...]) -> StreamingEng
     return StreamingEngine(CFNESA(cfg), fingerprint=f"test-{seed}")
 
 
-def _dialogue(rng: np.random.Generator, length: int, modalities: tuple[str, ...]) -> list[Utterance]:
+def _dialogue(
+    rng: np.random.Generator, length: int, modalities: tuple[str, ...]
+) -> list[Utterance]:
     p_present = rng.uniform(0.2, 1.0, size=3)
     speakers = [f"spk{i}" for i in range(int(rng.integers(1, 6)))]
     out = []
@@ -49,7 +51,9 @@ def _dialogue(rng: np.random.Generator, length: int, modalities: tuple[str, ...]
         present = {m: v and m in modalities for m, v in present.items()}
         if not any(present.values()):
             present[str(rng.choice(modalities))] = True
-        feats = {m: rng.standard_normal(DIMS[m]).astype(np.float32) if present[m] else None for m in DIMS}
+        feats = {
+            m: rng.standard_normal(DIMS[m]).astype(np.float32) if present[m] else None for m in DIMS
+        }
         out.append(Utterance(speaker=str(rng.choice(speakers)), **feats))
     return out
 

@@ -50,14 +50,24 @@ def synthetic(seed: int = 0, dim: int = 12, audio: bool = False) -> FeatureSet:
     )
 
 
-SMALL = ModelConfig(text_dim=12, d_model=16, heads=2, acme_layers=1, rume_layers=1,
-                    window_utterances=4, label_names=LABELS, feature_spec="synthetic-v1")
+SMALL = ModelConfig(
+    text_dim=12,
+    d_model=16,
+    heads=2,
+    acme_layers=1,
+    rume_layers=1,
+    window_utterances=4,
+    label_names=LABELS,
+    feature_spec="synthetic-v1",
+)
 FAST = TrainConfig(epochs=6, batch_size=8, lr=3e-3, patience=3, seed=1)
 
 
 def test_tiny_train_and_eval(tmp_path):
     fs = synthetic(audio=True)
-    result = train(fs, SMALL.replace(audio_dim=3), FAST, tmp_path, progress=False, log=lambda *_: None)
+    result = train(
+        fs, SMALL.replace(audio_dim=3), FAST, tmp_path, progress=False, log=lambda *_: None
+    )
     # chance is ~33%; the labels are readable from the features
     assert result.valid.accuracy > 60, result.valid
     assert result.test is not None and result.test.accuracy > 60
@@ -101,7 +111,13 @@ def test_resume_continues_where_it_stopped(tmp_path):
     assert resumed.fingerprint == straight.fingerprint
     # other settings over an existing run are refused, not silently mixed
     with pytest.raises(Exception, match="other settings"):
-        train(fs, SMALL, TrainConfig(epochs=5, batch_size=8, lr=3e-3, seed=1), tmp_path / "resumed", **quiet)
+        train(
+            fs,
+            SMALL,
+            TrainConfig(epochs=5, batch_size=8, lr=3e-3, seed=1),
+            tmp_path / "resumed",
+            **quiet,
+        )
 
 
 def test_checkpoint_round_trip_and_half_weights(tmp_path):
@@ -138,12 +154,34 @@ def test_broken_checkpoints_are_refused(tmp_path):
 def test_cli_train_and_eval(tmp_path, capsys):
     features = tmp_path / "feats.npz"
     synthetic().save(features)
-    args = ["train", "--features", str(features), "--out", str(tmp_path / "run"), "--d-model", "16",
-            "--heads", "2", "--acme-layers", "1", "--window", "3", "--epochs", "2", "--lr", "3e-3",
-            "--batch-size", "8", "--quiet"]
+    args = [
+        "train",
+        "--features",
+        str(features),
+        "--out",
+        str(tmp_path / "run"),
+        "--d-model",
+        "16",
+        "--heads",
+        "2",
+        "--acme-layers",
+        "1",
+        "--window",
+        "3",
+        "--epochs",
+        "2",
+        "--lr",
+        "3e-3",
+        "--batch-size",
+        "8",
+        "--quiet",
+    ]
     assert cli(args) == 0
     out = capsys.readouterr().out
     assert "test at the best-validation epoch" in out and "max test wF1 over epochs" in out
-    assert cli(["eval", "--features", str(features), "--checkpoint", str(tmp_path / "run" / "best")]) == 0
+    assert (
+        cli(["eval", "--features", str(features), "--checkpoint", str(tmp_path / "run" / "best")])
+        == 0
+    )
     scores = json.loads(capsys.readouterr().out)
     assert scores["split"] == "test" and scores["support"] > 0
