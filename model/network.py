@@ -336,7 +336,7 @@ class CFNESA(nn.Module):
 
         new_state = None
         if return_state:
-            assert state is not None and new_win is not None
+            assert rume_h is not None and new_win is not None
             new_state = BatchState(rume_h=rume_h, **new_win)
         return ForwardOutput(
             logits=self.classifier(fused),
