@@ -16,6 +16,20 @@ from model.errors import ConfigError
 MODALITIES: tuple[str, ...] = ("text", "audio", "visual")
 Mode = Literal["causal", "paper"]
 
+# Paper class orders, kept so numbers and confusion matrices compare with the
+# literature (shared/data/README.md).
+MELD_EMOTIONS: tuple[str, ...] = (
+    "neutral",
+    "surprise",
+    "fear",
+    "sadness",
+    "joy",
+    "disgust",
+    "anger",
+)
+IEMOCAP_EMOTIONS: tuple[str, ...] = ("happy", "sad", "neutral", "angry", "excited", "frustrated")
+MELD_SENTIMENTS: tuple[str, ...] = ("neutral", "positive", "negative")
+
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -50,15 +64,7 @@ class ModelConfig:
     acme_layers: int = 3
     heads: int = 8
     window_utterances: int = 8
-    label_names: tuple[str, ...] = (
-        "neutral",
-        "surprise",
-        "fear",
-        "sadness",
-        "joy",
-        "disgust",
-        "anger",
-    )
+    label_names: tuple[str, ...] = MELD_EMOTIONS
     lesm_hidden: int = 128
     rume_dropout: float = 0.15
     acme_dropout: float = 0.3
@@ -144,10 +150,6 @@ class ModelConfig:
         if not isinstance(data, dict):
             raise ConfigError("config JSON must be an object")
         return cls.from_dict(data)
-
-
-MELD_EMOTIONS = ("neutral", "surprise", "fear", "sadness", "joy", "disgust", "anger")
-IEMOCAP_EMOTIONS = ("happy", "sad", "neutral", "angry", "excited", "frustrated")
 
 
 def preset(name: str, **overrides: Any) -> ModelConfig:

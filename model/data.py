@@ -34,6 +34,7 @@ from typing import Any
 
 import numpy as np
 
+from model.config import IEMOCAP_EMOTIONS, MELD_EMOTIONS, MELD_SENTIMENTS
 from model.errors import DataError, DimensionError, InputError, NonFiniteError
 
 FORMAT_VERSION = 1
@@ -42,17 +43,6 @@ UNLABELLED = -1
 
 # Paper class orders: kept so that numbers and confusion matrices compare with
 # the literature (shared/data/README.md).
-MELD_EMOTIONS: tuple[str, ...] = (
-    "neutral",
-    "surprise",
-    "fear",
-    "sadness",
-    "joy",
-    "disgust",
-    "anger",
-)
-IEMOCAP_EMOTIONS: tuple[str, ...] = ("happy", "sad", "neutral", "angry", "excited", "frustrated")
-MELD_SENTIMENTS: tuple[str, ...] = ("neutral", "positive", "negative")
 PAPER_LABEL_ORDERS: tuple[tuple[str, ...], ...] = (MELD_EMOTIONS, IEMOCAP_EMOTIONS, MELD_SENTIMENTS)
 
 # Splits listed first, in this order, by FeatureSet.splits(); others follow sorted.
