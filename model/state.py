@@ -16,6 +16,13 @@ Serialised form (little-endian)::
 The header names the model fingerprint, position, speakers and which blobs
 follow. A modality that never occurs in the window is not stored (a phone
 call's state holds no visual window), so a state is as large as its call.
+
+The same state also splits into named parts for stores that write only what
+changed (the Redis state store): ``core`` (header, RUME hidden state, speaker
+vectors; rewritten every step) and one part per window slot, ``w{p % C}`` for
+the utterance at position ``p``, which is written once and read until the
+window moves past it. ``to_parts(since=...)`` returns the core and the slots of
+positions ``>= since`` only.
 """
 
 from __future__ import annotations
@@ -33,6 +40,9 @@ from model.errors import FingerprintMismatchError, StateFormatError
 MAGIC = b"CFNS"
 FORMAT_VERSION = 1
 _HEAD = struct.Struct("<4sHI")
+_SLOT = struct.Struct("<4sHQB")  # magic, version, position, presence bits
+SLOT_MAGIC = b"CFNW"
+CORE = "core"
 
 
 @dataclass
@@ -154,6 +164,127 @@ class ConversationState:
             win_present=torch.from_numpy(present.astype(bool)),
             speakers={s: vectors[i] for i, s in enumerate(speakers)},
         )
+
+    # ------------------------------------------------------------------ parts
+
+    def to_parts(self, since: int | None = None) -> dict[str, bytes]:
+        """The state as named parts: ``core`` and the window slots of positions
+        ``>= since`` (all slots when None). See the module docstring."""
+        m_count = self.rume_h.shape[0]
+        slots = self.win_x.shape[2]
+        header = {
+            "fingerprint": self.fingerprint,
+            "position": self.position,
+            "shape": {
+                "modalities": m_count,
+                "rume_layers": self.rume_h.shape[1],
+                "acme_layers": self.win_x.shape[0],
+                "slots": slots,
+                "d": self.rume_h.shape[2],
+            },
+            "speakers": list(self.speakers),
+        }
+        head = json.dumps(header, separators=(",", ":")).encode()
+        blobs = [_f32(self.rume_h)]
+        if self.speakers:
+            blobs.append(_f32(torch.stack(list(self.speakers.values()))))
+        parts = {CORE: _HEAD.pack(MAGIC, FORMAT_VERSION, len(head)) + head + b"".join(blobs)}
+        first = max(self.position - slots, 0 if since is None else since)
+        for p in range(first, self.position):
+            j = p - (self.position - slots)
+            present = [i for i in range(m_count) if bool(self.win_present[j, i])]
+            bits = sum(1 << i for i in present)
+            body = [_SLOT.pack(SLOT_MAGIC, FORMAT_VERSION, p, bits)]
+            if present:
+                body.append(_f32(self.win_x[:, present, j]))
+                body.append(_f32(self.win_s[:, present, j]))
+            parts[slot_name(p, slots)] = b"".join(body)
+        return parts
+
+    @classmethod
+    def from_parts(
+        cls, parts: dict[str, bytes], *, expected_fingerprint: str | None = None
+    ) -> ConversationState:
+        """Assemble a state from ``to_parts`` output (old slots may linger: only
+        the slots of the window's positions are read, and each must name its
+        position).
+
+        Raises:
+            StateFormatError: missing or corrupt parts, an unknown version.
+            FingerprintMismatchError: written by another model than expected.
+        """
+        core = parts.get(CORE)
+        if core is None:
+            raise StateFormatError("state has no core part")
+        if len(core) < _HEAD.size:
+            raise StateFormatError(f"state core too short ({len(core)} bytes)")
+        magic, version, head_len = _HEAD.unpack_from(core)
+        if magic != MAGIC:
+            raise StateFormatError("not a CFN-ESA conversation state (bad magic)")
+        if version != FORMAT_VERSION:
+            raise StateFormatError(
+                f"state format version {version}; this code reads version {FORMAT_VERSION}"
+            )
+        try:
+            header = json.loads(core[_HEAD.size : _HEAD.size + head_len])
+            shape = header["shape"]
+            m, r, a, c, d = (
+                int(shape["modalities"]),
+                int(shape["rume_layers"]),
+                int(shape["acme_layers"]),
+                int(shape["slots"]),
+                int(shape["d"]),
+            )
+            fingerprint = str(header["fingerprint"])
+            speakers = [str(x) for x in header["speakers"]]
+            position = int(header["position"])
+        except (ValueError, KeyError, TypeError) as exc:
+            raise StateFormatError(f"corrupt state header: {exc}") from exc
+        if expected_fingerprint is not None and fingerprint != expected_fingerprint:
+            raise FingerprintMismatchError(
+                f"state written by model {fingerprint}, this model is {expected_fingerprint}"
+            )
+        win_x = torch.zeros(a, m, c, d)
+        win_s = torch.zeros(a, m, c, d)
+        present_mask = torch.zeros(c, m, dtype=torch.bool)
+        try:
+            reader = _Reader(core, _HEAD.size + head_len)
+            rume_h = reader.f32((m, r, d))
+            vectors = reader.f32((len(speakers), d)) if speakers else torch.zeros(0, d)
+            reader.done()
+            for p in range(max(position - c, 0), position):
+                j = p - (position - c)
+                blob = parts.get(slot_name(p, c))
+                if blob is None:
+                    raise ValueError(f"window slot of position {p} missing")
+                smagic, sversion, spos, bits = _SLOT.unpack_from(blob)
+                if smagic != SLOT_MAGIC or sversion != FORMAT_VERSION:
+                    raise ValueError(f"window slot of position {p}: bad magic or version")
+                if spos != p:
+                    raise ValueError(f"window slot holds position {spos}, expected {p}")
+                present = [i for i in range(m) if bits >> i & 1]
+                slot_reader = _Reader(blob, _SLOT.size)
+                if present:
+                    win_x[:, present, j] = slot_reader.f32((a, len(present), d))
+                    win_s[:, present, j] = slot_reader.f32((a, len(present), d))
+                    present_mask[j, present] = True
+                slot_reader.done()
+        except (ValueError, struct.error) as exc:
+            raise StateFormatError(f"corrupt state: {exc}") from exc
+        return cls(
+            fingerprint=fingerprint,
+            position=position,
+            rume_h=rume_h,
+            win_x=win_x,
+            win_s=win_s,
+            win_present=present_mask,
+            speakers={s: vectors[i] for i, s in enumerate(speakers)},
+        )
+
+
+def slot_name(position: int, slots: int) -> str:
+    """The part name of the window slot holding the utterance at ``position``."""
+    return f"w{position % slots}" if slots else "w"
 
 
 def _f32(t: Tensor) -> bytes:

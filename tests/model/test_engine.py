@@ -122,3 +122,29 @@ def test_paper_mode_has_no_streaming():
     )
     with pytest.raises(InputError):
         StreamingEngine(model, "x")
+
+
+def test_state_parts_write_only_what_changed(engine):
+    """The parts a store writes per step: the core and the new slot, nothing older."""
+    state = None
+    store: dict[str, bytes] = {}
+    for i in range(6):
+        _, (state,) = engine.step([[_utt(speaker=f"s{i % 2}")]], [state])
+        written = state.to_parts(since=state.position - 1)
+        assert set(written) == {"core", f"w{(state.position - 1) % 2}"}  # W=3: 2 slots
+        store.update(written)
+    again = ConversationState.from_parts(store, expected_fingerprint="abc")
+    assert torch.equal(again.win_x, state.win_x)
+    assert torch.equal(again.win_present, state.win_present)
+    assert torch.equal(again.rume_h, state.rume_h)
+    # a slot from an older lap of the ring, or a missing slot, is corrupt, never used
+    stale = dict(store)
+    stale["w1"] = state.to_parts(since=0)["w0"]
+    with pytest.raises(StateFormatError):
+        ConversationState.from_parts(stale)
+    with pytest.raises(StateFormatError):
+        ConversationState.from_parts({k: v for k, v in store.items() if k != "w0"})
+    with pytest.raises(FingerprintMismatchError):
+        ConversationState.from_parts(store, expected_fingerprint="other")
+    with pytest.raises(StateFormatError):
+        ConversationState.from_parts({"w0": store["w0"]})
