@@ -3,6 +3,9 @@
     cfnesa features  --data meld                  encode a transcript file (cached)
     cfnesa train     --data meld --out runs/x     train, choose the epoch on valid, report test
     cfnesa eval      --checkpoint DIR --data meld score a checkpoint on a split
+    cfnesa services                               embedded Kafka (Tansu) + redis-server
+    cfnesa worker                                 an emotion worker (settings: CFNESA_*)
+    cfnesa demo                                   the whole pipeline on embedded services
 
 ``--data`` takes a path to a JSONL transcript file or the name of one in the
 data folder (``$CFNESA_DATA_DIR``, default ``../shared/data``).
@@ -182,6 +185,31 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_worker(args: argparse.Namespace) -> int:
+    import asyncio
+    import logging
+
+    from streaming.settings import Settings
+    from workers.worker import serve
+
+    overrides = {
+        k: v
+        for k, v in {
+            "kafka_bootstrap": args.bootstrap,
+            "redis_url": args.redis,
+            "checkpoint": args.checkpoint,
+            "metrics_port": args.metrics_port,
+            "alert_rules": args.alert_rules,
+        }.items()
+        if v is not None
+    }
+    settings = Settings(**overrides)
+    logging.basicConfig(
+        level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    return asyncio.run(serve(settings))
+
+
 def _add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--data", default="meld", help="transcript JSONL path, or a name in the data folder"
@@ -243,6 +271,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", help="checkpoint folder (default: the shipped model)")
     p.add_argument("--split", default="test")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("worker", help="run an emotion worker (settings from CFNESA_* variables)")
+    p.add_argument("--bootstrap", help="Kafka bootstrap servers (CFNESA_KAFKA_BOOTSTRAP)")
+    p.add_argument("--redis", help="Redis URL (CFNESA_REDIS_URL)")
+    p.add_argument("--checkpoint", help="model folder (default: the shipped one)")
+    p.add_argument("--alert-rules", help="alert rules TOML (default: built in)")
+    p.add_argument("--metrics-port", type=int, help="Prometheus /metrics port, 0: none")
+    p.set_defaults(func=cmd_worker)
 
     p = sub.add_parser("demo", help="stream test conversations through the model, live")
     p.add_argument("--data", default="meld")

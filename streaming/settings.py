@@ -1,0 +1,72 @@
+"""Settings of the pipeline's processes, from CFNESA_* environment variables.
+
+Every setting has a default that works with `cfnesa services` on one machine;
+production points the same code at Apache Kafka and Redis (or Redis Cluster)
+by setting, for example, ``CFNESA_KAFKA_BOOTSTRAP=kafka-0:9092,kafka-1:9092``
+and ``CFNESA_REDIS_URL=redis://redis:6379/0``. docs/operations.md lists them all.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """What a worker, featurizer, replayer or gateway reads from its environment."""
+
+    model_config = SettingsConfigDict(env_prefix="CFNESA_", extra="ignore", frozen=True)
+
+    # --- Kafka
+    kafka_bootstrap: str = Field(
+        default="127.0.0.1:9092", description="bootstrap servers, comma-separated"
+    )
+    input_topic: str = "utterance-features"
+    output_topic: str = "emotion-events"
+    dlq_topic: str = "utterance-features.dlq"
+    text_topic: str = "utterance-text"
+    group_id: str = Field(default="cfnesa-workers", description="the workers' consumer group")
+    session_timeout_ms: int = Field(default=10_000, ge=1_000)
+    heartbeat_interval_ms: int = Field(default=1_000, ge=100)
+    max_poll_interval_ms: int = Field(default=300_000, ge=10_000)
+
+    # --- Redis
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_cluster: bool = Field(default=False, description="use the Redis Cluster client")
+    key_prefix: str = Field(default="cfnesa", description="prefix of every Redis key")
+    state_ttl_s: int = Field(
+        default=3_600, ge=1, description="idle conversations expire after this"
+    )
+    ended_ttl_s: int = Field(
+        default=600, ge=1, description="how long an ended call's summary is kept"
+    )
+    recent_events: int = Field(default=64, ge=1, description="output events kept per conversation")
+
+    # --- batching and caching
+    max_batch_events: int = Field(default=256, ge=1, description="most input events per batch")
+    max_wait_ms: int = Field(default=5, ge=0, description="longest wait for a batch to fill")
+    state_cache: bool = Field(
+        default=True, description="keep owned conversations' states in memory"
+    )
+    max_cached_states: int = Field(default=50_000, ge=0)
+    max_message_bytes: int = Field(default=1_000_000, ge=1_024)
+
+    # --- model, alerts, outputs
+    checkpoint: Path | None = Field(
+        default=None, description="model folder (default: the shipped one)"
+    )
+    alert_rules: Path | None = Field(
+        default=None, description="alert rules TOML (default: built in)"
+    )
+    include_text: bool = Field(default=False, description="copy transcripts into emotion events")
+    torch_threads: int = Field(default=0, ge=0, description="0: torch's default")
+
+    # --- operations
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int = Field(default=9400, ge=0, le=65535, description="0: no metrics server")
+    log_level: str = "INFO"
+
+    def bootstrap_servers(self) -> list[str]:
+        return [s.strip() for s in self.kafka_bootstrap.split(",") if s.strip()]

@@ -1,0 +1,183 @@
+"""Per-conversation state in Redis, advanced by compare-and-set.
+
+Keys of one conversation share its hash tag, so one Lua script touches them all
+atomically, also on Redis Cluster::
+
+    {prefix}:{<conversation_id>}:state    hash: seq, model state parts, app state, ...
+    {prefix}:{<conversation_id>}:events   list: the last K output events (JSON)
+
+A commit names the seq the writer believes is current; the script applies the
+write only if Redis agrees, and then sets the new seq, the changed fields and
+the new output events, and refreshes the TTL, all at once. A writer with a
+stale view (a cached state from before a rebalance, a replay after a crash)
+gets a conflict and the current seq instead, and never overwrites newer state.
+
+This module stores bytes; what they mean is the worker's business.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import redis.asyncio as aioredis
+
+SEQ = b"seq"
+
+# KEYS[1] the state hash, KEYS[2] the events list
+# ARGV: expected seq ('' = must not exist), new seq, ttl s, events kept, mode
+#       ('update' | 'replace'), number of field pairs n, n field/value pairs,
+#       then the output events to append
+_COMMIT = """
+local cur = redis.call('HGET', KEYS[1], 'seq')
+if ARGV[1] == '' then
+  if cur then return {0, cur} end
+elseif cur ~= ARGV[1] then
+  return {0, cur or ''}
+end
+if ARGV[5] == 'replace' then redis.call('DEL', KEYS[1]) end
+local n = tonumber(ARGV[6])
+local fields = {'seq', ARGV[2]}
+for i = 7, 6 + 2 * n do fields[#fields + 1] = ARGV[i] end
+redis.call('HSET', KEYS[1], unpack(fields))
+local first = 7 + 2 * n
+if #ARGV >= first then
+  redis.call('RPUSH', KEYS[2], unpack(ARGV, first))
+  redis.call('LTRIM', KEYS[2], -tonumber(ARGV[4]), -1)
+end
+redis.call('EXPIRE', KEYS[1], ARGV[3])
+redis.call('EXPIRE', KEYS[2], ARGV[3])
+return {1, ARGV[2]}
+"""
+
+
+@dataclass(frozen=True)
+class Stored:
+    """What Redis holds for one conversation (seq None: nothing)."""
+
+    seq: int | None
+    fields: dict[str, bytes] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Commit:
+    """One conversation's write: applied only if Redis's seq is ``expected_seq``.
+
+    ``replace`` drops every other field of the hash first (a reset after a model
+    change, or the tombstone left by `end`).
+    """
+
+    conversation_id: str
+    expected_seq: int | None
+    new_seq: int
+    fields: Mapping[str, bytes]
+    events: Sequence[bytes] = ()
+    ttl_s: int = 3600
+    replace: bool = False
+
+    @property
+    def size(self) -> int:
+        """Bytes of values this commit sends."""
+        return sum(len(v) for v in self.fields.values()) + sum(len(e) for e in self.events)
+
+
+@dataclass(frozen=True)
+class CommitResult:
+    ok: bool
+    current_seq: int | None
+
+
+class StateStore:
+    """Async access to conversation state; works with Redis and Redis Cluster clients."""
+
+    def __init__(self, client: Any, *, prefix: str = "cfnesa", recent_events: int = 64) -> None:
+        self.client = client
+        self.prefix = prefix
+        self.recent_events = recent_events
+        self._commit = client.register_script(_COMMIT)
+
+    @classmethod
+    def connect(
+        cls, url: str, *, cluster: bool = False, prefix: str = "cfnesa", recent_events: int = 64
+    ) -> StateStore:
+        """A store on a Redis URL (``cluster``: Redis Cluster, any node's URL)."""
+        opts: dict[str, Any] = {"socket_timeout": 5.0, "socket_connect_timeout": 2.0}
+        if cluster:
+            from redis.asyncio.cluster import RedisCluster
+
+            client: Any = RedisCluster.from_url(url, **opts)
+        else:
+            client = aioredis.from_url(url, **opts)
+        return cls(client, prefix=prefix, recent_events=recent_events)
+
+    def state_key(self, conversation_id: str) -> str:
+        return f"{self.prefix}:{{{conversation_id}}}:state"
+
+    def events_key(self, conversation_id: str) -> str:
+        return f"{self.prefix}:{{{conversation_id}}}:events"
+
+    async def ping(self) -> bool:
+        return bool(await self.client.ping())
+
+    async def load(self, conversation_ids: Iterable[str]) -> dict[str, Stored]:
+        """Everything stored for these conversations, in one round trip."""
+        ids = list(dict.fromkeys(conversation_ids))
+        if not ids:
+            return {}
+        async with self.client.pipeline(transaction=False) as pipe:
+            for cid in ids:
+                pipe.hgetall(self.state_key(cid))
+            rows = await pipe.execute()
+        out = {}
+        for cid, row in zip(ids, rows, strict=True):
+            fields = {k.decode(): v for k, v in row.items()}
+            seq = fields.pop(SEQ.decode(), None)
+            out[cid] = Stored(seq=None if seq is None else int(seq), fields=fields)
+        return out
+
+    async def events(self, conversation_ids: Iterable[str]) -> dict[str, list[bytes]]:
+        """The recent output events of these conversations, oldest first."""
+        ids = list(dict.fromkeys(conversation_ids))
+        if not ids:
+            return {}
+        async with self.client.pipeline(transaction=False) as pipe:
+            for cid in ids:
+                pipe.lrange(self.events_key(cid), 0, -1)
+            rows = await pipe.execute()
+        return dict(zip(ids, rows, strict=True))
+
+    async def commit(self, commits: Sequence[Commit]) -> list[CommitResult]:
+        """Apply the writes, each atomically and independently, in one round trip."""
+        if not commits:
+            return []
+        async with self.client.pipeline(transaction=False) as pipe:
+            for c in commits:
+                args: list[Any] = [
+                    "" if c.expected_seq is None else str(c.expected_seq),
+                    str(c.new_seq),
+                    str(c.ttl_s),
+                    str(self.recent_events),
+                    "replace" if c.replace else "update",
+                    str(len(c.fields)),
+                ]
+                for k, v in c.fields.items():
+                    args += [k, v]
+                args += list(c.events)
+                await self._commit(
+                    keys=[self.state_key(c.conversation_id), self.events_key(c.conversation_id)],
+                    args=args,
+                    client=pipe,
+                )
+            rows = await pipe.execute()
+        out = []
+        for ok, cur in rows:
+            cur = cur.decode() if isinstance(cur, bytes) else str(cur)
+            out.append(CommitResult(ok=bool(ok), current_seq=int(cur) if cur else None))
+        return out
+
+    async def delete(self, conversation_id: str) -> None:
+        await self.client.delete(self.state_key(conversation_id), self.events_key(conversation_id))
+
+    async def close(self) -> None:
+        await self.client.aclose()

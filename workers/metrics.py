@@ -1,0 +1,141 @@
+"""The worker's Prometheus metrics and its small HTTP endpoint (/metrics, /healthz)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import Callable
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+
+log = logging.getLogger(__name__)
+
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+class WorkerMetrics:
+    """One registry per worker (tests run several workers in one process)."""
+
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.events_in = Counter(
+            "cfnesa_events_in", "Input events read, by type", ["type"], registry=r
+        )
+        self.events_out = Counter(
+            "cfnesa_events_out", "Output events produced, by type", ["type"], registry=r
+        )
+        self.duplicates = Counter(
+            "cfnesa_duplicates", "Input events already processed (seq <= last)", registry=r
+        )
+        self.gaps = Counter("cfnesa_gaps", "Utterances processed after a seq gap", registry=r)
+        self.dead_letters = Counter(
+            "cfnesa_dead_letters",
+            "Input events sent to the dead-letter topic",
+            ["reason"],
+            registry=r,
+        )
+        self.state_resets = Counter(
+            "cfnesa_state_resets",
+            "Stored states refused and reset, by reason",
+            ["reason"],
+            registry=r,
+        )
+        self.conflicts = Counter(
+            "cfnesa_state_conflicts",
+            "Compare-and-set conflicts (stale cache or replay)",
+            registry=r,
+        )
+        self.outages = Counter(
+            "cfnesa_outages",
+            "Batches retried after Redis or Kafka failed",
+            ["service"],
+            registry=r,
+        )
+        self.commit_failures = Counter(
+            "cfnesa_commit_failures", "Offset commits refused (rebalance)", registry=r
+        )
+        self.redis_bytes = Counter(
+            "cfnesa_redis_bytes_written", "Bytes of state and events written to Redis", registry=r
+        )
+        self.batch_size = Histogram(
+            "cfnesa_batch_size",
+            "Utterances per model step",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512),
+            registry=r,
+        )
+        self.step_seconds = Histogram(
+            "cfnesa_step_seconds", "Model step latency", buckets=_LATENCY_BUCKETS, registry=r
+        )
+        self.batch_seconds = Histogram(
+            "cfnesa_batch_seconds",
+            "Whole batch latency (poll to commit)",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.e2e_seconds = Histogram(
+            "cfnesa_end_to_end_seconds",
+            "Input produced to emotion event produced",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.lag = Gauge(
+            "cfnesa_consumer_lag", "Input events not yet read, all partitions", registry=r
+        )
+        self.cached_states = Gauge(
+            "cfnesa_cached_states", "Conversation states in memory", registry=r
+        )
+        self.last_batch = Gauge(
+            "cfnesa_last_batch_timestamp", "Unix time of the last batch", registry=r
+        )
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+async def serve_ops(
+    host: str, port: int, metrics: WorkerMetrics, health: Callable[[], tuple[bool, dict]]
+) -> asyncio.Server:
+    """Serve GET /metrics (Prometheus text) and GET /healthz (200 or 503, JSON)."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            line = await asyncio.wait_for(reader.readline(), 5)
+            while (await asyncio.wait_for(reader.readline(), 5)) not in (b"\r\n", b"\n", b""):
+                pass
+            parts = line.decode("latin-1").split()
+            path = parts[1].split("?")[0] if len(parts) >= 2 else ""
+            if path == "/metrics":
+                status, ctype, body = "200 OK", CONTENT_TYPE_LATEST, metrics.render()
+            elif path == "/healthz":
+                ok, detail = health()
+                status = "200 OK" if ok else "503 Service Unavailable"
+                ctype, body = "application/json", json.dumps(detail).encode()
+            else:
+                status, ctype, body = "404 Not Found", "text/plain", b"not found\n"
+            writer.write(
+                f"HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\n"
+                f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
+                + body
+            )
+            await writer.drain()
+        except (TimeoutError, ConnectionError, UnicodeDecodeError):
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(handle, host, port)
+    log.info("metrics on http://%s:%d/metrics", host, server.sockets[0].getsockname()[1])
+    return server
+
+
+def now() -> float:
+    return time.time()
