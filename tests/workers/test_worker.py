@@ -1,0 +1,259 @@
+"""The worker against the real embedded broker and redis-server: exact outputs,
+duplicates, gaps, ends, dead letters, a stale cache caught by the compare-and-set."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import json
+import urllib.request
+from collections.abc import AsyncIterator
+
+import numpy as np
+import pytest
+import redis.asyncio as aioredis
+from support import (
+    FEATURE_SPEC,
+    Collector,
+    Pipeline,
+    check_outputs,
+    interleave,
+    make_calls,
+    produce,
+)
+
+from model.engine import StreamingEngine
+from streaming.events import end_event, utterance_event
+from streaming.settings import Settings
+from workers.worker import Worker
+
+pytestmark = pytest.mark.slow
+
+
+@contextlib.asynccontextmanager
+async def running(settings: Settings, engine: StreamingEngine) -> AsyncIterator[Worker]:
+    worker = Worker(settings, engine=engine)
+    stop = asyncio.Event()
+    await worker.start()
+    task = asyncio.create_task(worker.run(stop))
+    try:
+        yield worker
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 30)
+        await worker.close()
+
+
+async def test_streamed_events_equal_the_whole_dialogue_forward(pipeline: Pipeline, engine):
+    s = pipeline.settings
+    calls = make_calls(6, (3, 30), seed=1)
+    async with Collector(s.kafka_bootstrap, s.output_topic) as out, running(s, engine):
+        await produce(s.kafka_bootstrap, s.input_topic, interleave(calls))
+        await out.wait(lambda c: len(c.of(s.output_topic, "summary")) == len(calls))
+    emotions = out.of(s.output_topic, "emotion")
+    assert len(emotions) == sum(len(c.vectors) for c in calls)  # nothing twice here
+    check_outputs(engine, calls, emotions)
+    for e in emotions:
+        assert e["model"] == f"{engine.config.name}@{engine.fingerprint}"
+        assert e["gap"] is False
+        assert (e["shift"]["vs_previous"] is None) == (e["seq"] == 0)
+    summaries = {e["conversation_id"]: e for e in out.of(s.output_topic, "summary")}
+    for call in calls:
+        summary = summaries[call.cid]
+        assert summary["utterances"] == len(call.vectors)
+        counts = summary["speakers"]
+        assert sum(sum(c.values()) for c in counts.values()) == len(call.vectors)
+        assert set(counts) == set(call.speakers)
+    # after `end` the model state is gone; only a small tombstone with the summary stays
+    client = aioredis.from_url(s.redis_url)
+    fields = await client.hkeys(f"{s.key_prefix}:{{{calls[0].cid}}}:state")
+    await client.aclose()
+    assert set(fields) == {b"seq", b"app", b"ended", b"summary"}
+
+
+async def test_duplicates_re_emit_the_same_events_and_gaps_are_marked(pipeline, engine):
+    s = pipeline.settings
+    (call,) = make_calls(1, 8, seed=2)
+    async with Collector(s.kafka_bootstrap, s.output_topic) as out, running(s, engine):
+        first = [(call.cid, call.message(i)) for i in range(4)]
+        await produce(s.kafka_bootstrap, s.input_topic, first)
+        await out.wait(lambda c: len(c.of(s.output_topic, "emotion")) == 4)
+        before = out.of(s.output_topic)
+        # a redelivery of seq 1-3 (a crashed producer resending), then a gap: 4 is lost
+        await produce(s.kafka_bootstrap, s.input_topic, first[1:])
+        await produce(s.kafka_bootstrap, s.input_topic, [(call.cid, call.message(5))])
+        await out.wait(lambda c: any(e["seq"] == 5 for e in c.of(s.output_topic, "emotion")))
+    emotions = out.of(s.output_topic, "emotion")
+    by_seq: dict[int, list[dict]] = {}
+    for e in emotions:
+        by_seq.setdefault(e["seq"], []).append(e)
+    for seq in (1, 2, 3):
+        assert len(by_seq[seq]) == 2 and by_seq[seq][0] == by_seq[seq][1]  # exact repeats
+    assert 4 not in by_seq
+    assert by_seq[5][0]["gap"] is True
+    assert all(e["gap"] is False for e in before if e["type"] == "emotion")
+
+
+BAD_CASES: dict[str, bytes] = {
+    "not_json": b"{not json",
+    "not_object": b"[1, 2, 3]",
+    "unknown_type": json.dumps({"type": "hello", "schema_version": 1}).encode(),
+    "unsupported_schema_version": json.dumps(
+        {"type": "end", "schema_version": 2, "conversation_id": "bad-v", "seq": 1}
+    ).encode(),
+    "missing_conversation_id": json.dumps(
+        {"type": "end", "schema_version": 1, "conversation_id": "", "seq": 1}
+    ).encode(),
+    "bad_seq": json.dumps(
+        {"type": "end", "schema_version": 1, "conversation_id": "bad-s", "seq": -1}
+    ).encode(),
+    "wrong_dimension": utterance_event("bad-d", 0, "agent", {"text": np.ones(100)}, FEATURE_SPEC),
+    "non_finite": utterance_event(
+        "bad-n", 0, "agent", {"text": np.r_[np.ones(383), np.nan]}, FEATURE_SPEC, b64=False
+    ),
+    "bad_base64": json.dumps(
+        {
+            "type": "utterance",
+            "schema_version": 1,
+            "conversation_id": "bad-b",
+            "seq": 0,
+            "speaker": "agent",
+            "feature_spec": FEATURE_SPEC,
+            "features": {"text": {"dtype": "float32", "shape": [384], "b64": "@@not-b64@@"}},
+        }
+    ).encode(),
+    "oversize": b'{"pad": "' + b"x" * 1_100_000 + b'"}',
+    "feature_spec_mismatch": utterance_event(
+        "bad-f", 0, "agent", {"text": np.ones(384)}, "another-encoder"
+    ),
+    "no_modality": utterance_event("bad-m", 0, "agent", {"text": None}, FEATURE_SPEC),
+}
+
+
+@pytest.fixture(scope="module")
+def dead_letter_run(kafka, redis_server, engine):
+    """One run: every bad message between good ones, in the same batches."""
+    from support import new_pipeline
+
+    async def run():
+        pipe = new_pipeline(kafka.bootstrap, redis_server.url)
+        await pipe.create_topics(partitions=1)  # one partition: bad and good share batches
+        s = pipe.settings
+        calls = make_calls(3, 6, seed=3)
+        mixed = _merge(interleave(calls), list(BAD_CASES.values()))
+        async with (
+            Collector(s.kafka_bootstrap, s.output_topic, s.dlq_topic) as out,
+            running(s, engine),
+        ):
+            await produce(s.kafka_bootstrap, s.input_topic, mixed)
+            await out.wait(
+                lambda c: (
+                    len(c.of(s.dlq_topic)) >= len(BAD_CASES)
+                    and len(c.of(s.output_topic, "summary")) == len(calls)
+                )
+            )
+        return s, calls, out
+
+    return asyncio.run(run())
+
+
+def _merge(good: list[tuple[str, bytes]], bad: list[bytes]) -> list[tuple[str | None, bytes]]:
+    out: list[tuple[str | None, bytes]] = []
+    for i, g in enumerate(good):
+        out.append(g)
+        if i < len(bad):
+            out.append(("bad", bad[i]))
+    return out
+
+
+@pytest.mark.parametrize("reason", list(BAD_CASES))
+def test_bad_input_becomes_a_dead_letter(dead_letter_run, reason):
+    s, _, out = dead_letter_run
+    letters = [d for d in out.of(s.dlq_topic) if d["reason"] == reason]
+    assert len(letters) == 1, [d["reason"] for d in out.of(s.dlq_topic)]
+    letter = letters[0]
+    assert letter["source"]["topic"] == s.input_topic
+    assert letter["detail"]
+    raw = base64.b64decode(letter["payload_b64"])
+    assert raw == BAD_CASES[reason][: len(raw)]
+    assert letter["truncated"] == (len(BAD_CASES[reason]) > len(raw))
+
+
+def test_bad_neighbours_lose_nothing(dead_letter_run, engine):
+    s, calls, out = dead_letter_run
+    check_outputs(engine, calls, out.of(s.output_topic, "emotion"))
+    assert len(out.of(s.dlq_topic)) == len(BAD_CASES)
+
+
+async def test_stale_cache_is_caught_by_the_compare_and_set(pipeline, kafka, engine):
+    """Worker A caches a call's state; another worker advances the call in Redis
+    (as after a rebalance); A's next write is refused, A reloads and goes on exactly."""
+    s = pipeline.settings
+    other = s.model_copy(
+        update={"input_topic": f"{s.input_topic}-b", "group_id": f"{s.group_id}-b"}
+    )
+    await pipeline.create_topics()
+    from streaming.topics import ensure_topics
+
+    await ensure_topics(kafka.bootstrap, {other.input_topic: 1})
+    (call,) = make_calls(1, 8, seed=4)
+    msgs = [(call.cid, call.message(i)) for i in range(8)]
+    async with Collector(s.kafka_bootstrap, s.output_topic) as out:
+        async with running(s, engine) as a:
+            await produce(s.kafka_bootstrap, s.input_topic, msgs[:3])
+            await out.wait(lambda c: len(c.of(s.output_topic, "emotion")) == 3)
+            assert call.cid in a.cache
+            async with running(other, engine):
+                await produce(s.kafka_bootstrap, other.input_topic, msgs[3:5])
+                await out.wait(lambda c: len(c.of(s.output_topic, "emotion")) == 5)
+            conflicts = a.metrics.conflicts._value.get()
+            await produce(s.kafka_bootstrap, s.input_topic, msgs[3:])
+            await out.wait(lambda c: any(e["seq"] == 7 for e in c.of(s.output_topic, "emotion")))
+            assert a.metrics.conflicts._value.get() == conflicts + 1
+    check_outputs(engine, [call], out.of(s.output_topic, "emotion"))
+
+
+async def test_metrics_and_health_endpoints(pipeline, engine):
+    from streaming.embedded import free_port
+
+    port = free_port()
+    s = pipeline.settings.model_copy(update={"metrics_port": port})
+    (call,) = make_calls(1, 3, seed=5)
+    async with Collector(s.kafka_bootstrap, s.output_topic) as out, running(s, engine):
+        await produce(s.kafka_bootstrap, s.input_topic, [(call.cid, m) for m in call.messages()])
+        await produce(s.kafka_bootstrap, s.input_topic, [("x", b"junk")])
+        await out.wait(lambda c: len(c.of(s.output_topic, "summary")) == 1)
+
+        def get(path: str) -> tuple[int, str]:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as r:  # noqa: S310
+                return r.status, r.read().decode()
+
+        await asyncio.sleep(0.3)
+        status, body = await asyncio.to_thread(get, "/metrics")
+        assert status == 200
+        assert 'cfnesa_events_in_total{type="utterance"} 3.0' in body
+        assert 'cfnesa_events_out_total{type="emotion"} 3.0' in body
+        assert "cfnesa_step_seconds_bucket" in body
+        assert "cfnesa_consumer_lag" in body
+        status, body = await asyncio.to_thread(get, "/healthz")
+        assert status == 200 and json.loads(body)["ok"] is True
+
+
+async def test_end_of_an_unknown_call_and_utterances_after_end(pipeline, engine):
+    s = pipeline.settings
+    (call,) = make_calls(1, 3, seed=6)
+    async with Collector(s.kafka_bootstrap, s.output_topic, s.dlq_topic) as out, running(s, engine):
+        await produce(s.kafka_bootstrap, s.input_topic, [("ghost", end_event("ghost", 0))])
+        await produce(s.kafka_bootstrap, s.input_topic, [(call.cid, m) for m in call.messages()])
+        await out.wait(lambda c: len(c.of(s.output_topic, "summary")) == 2)
+        late = utterance_event(call.cid, 9, "agent", {"text": call.vectors[0]}, FEATURE_SPEC)
+        await produce(s.kafka_bootstrap, s.input_topic, [(call.cid, late)])
+        await produce(s.kafka_bootstrap, s.input_topic, [(call.cid, end_event(call.cid, 3))])
+        await out.wait(lambda c: len(c.of(s.dlq_topic)) == 1)
+        await out.wait(lambda c: len(c.of(s.output_topic, "summary")) == 3)
+    ghost = [e for e in out.of(s.output_topic, "summary") if e["conversation_id"] == "ghost"]
+    assert ghost[0]["utterances"] == 0
+    assert out.of(s.dlq_topic)[0]["reason"] == "conversation_ended"
+    ends = [e for e in out.of(s.output_topic, "summary") if e["conversation_id"] == call.cid]
+    assert ends[0] == ends[1]  # the repeated end re-emits the same summary
