@@ -4,6 +4,7 @@ worker processes. Everything runs against the real embedded broker and redis-ser
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import subprocess
@@ -165,10 +166,8 @@ class Collector:
     async def __aexit__(self, *exc: object) -> None:
         assert self._task is not None
         self._task.cancel()
-        try:
+        with contextlib.suppress(asyncio.CancelledError):
             await self._task
-        except asyncio.CancelledError:
-            pass
         await self.consumer.stop()
 
     async def _run(self) -> None:
@@ -180,7 +179,7 @@ class Collector:
     def of(self, topic: str, kind: str | None = None) -> list[dict]:
         return [e for t, e in self.records if t == topic and (kind is None or e["type"] == kind)]
 
-    async def wait(self, done: Callable[[Collector], bool], timeout: float = 60) -> None:
+    async def wait(self, done: Callable[[Collector], bool], timeout: float = 60) -> None:  # noqa: ASYNC109
         deadline = time.monotonic() + timeout
         while not done(self):
             if time.monotonic() > deadline:
@@ -197,7 +196,7 @@ def emotion_ids(events: list[dict]) -> set[str]:
 
 def start_worker_process(pipe: Pipeline, log: Path, **env: str) -> subprocess.Popen[bytes]:
     with log.open("ab") as fh:
-        return subprocess.Popen(  # noqa: S603 (our own console script)
+        return subprocess.Popen(
             [str(CFNESA), "worker"], env=pipe.env(**env), stdout=fh, stderr=subprocess.STDOUT
         )
 

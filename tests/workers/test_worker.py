@@ -199,18 +199,17 @@ async def test_stale_cache_is_caught_by_the_compare_and_set(pipeline, kafka, eng
     await ensure_topics(kafka.bootstrap, {other.input_topic: 1})
     (call,) = make_calls(1, 8, seed=4)
     msgs = [(call.cid, call.message(i)) for i in range(8)]
-    async with Collector(s.kafka_bootstrap, s.output_topic) as out:
-        async with running(s, engine) as a:
-            await produce(s.kafka_bootstrap, s.input_topic, msgs[:3])
-            await out.wait(lambda c: len(c.of(s.output_topic, "emotion")) == 3)
-            assert call.cid in a.cache
-            async with running(other, engine):
-                await produce(s.kafka_bootstrap, other.input_topic, msgs[3:5])
-                await out.wait(lambda c: len(c.of(s.output_topic, "emotion")) == 5)
-            conflicts = a.metrics.conflicts._value.get()
-            await produce(s.kafka_bootstrap, s.input_topic, msgs[3:])
-            await out.wait(lambda c: any(e["seq"] == 7 for e in c.of(s.output_topic, "emotion")))
-            assert a.metrics.conflicts._value.get() == conflicts + 1
+    async with Collector(s.kafka_bootstrap, s.output_topic) as out, running(s, engine) as a:
+        await produce(s.kafka_bootstrap, s.input_topic, msgs[:3])
+        await out.wait(lambda c: len(c.of(s.output_topic, "emotion")) == 3)
+        assert call.cid in a.cache
+        async with running(other, engine):
+            await produce(s.kafka_bootstrap, other.input_topic, msgs[3:5])
+            await out.wait(lambda c: len(c.of(s.output_topic, "emotion")) == 5)
+        conflicts = a.metrics.conflicts._value.get()
+        await produce(s.kafka_bootstrap, s.input_topic, msgs[3:])
+        await out.wait(lambda c: any(e["seq"] == 7 for e in c.of(s.output_topic, "emotion")))
+        assert a.metrics.conflicts._value.get() == conflicts + 1
     check_outputs(engine, [call], out.of(s.output_topic, "emotion"))
 
 
@@ -226,7 +225,7 @@ async def test_metrics_and_health_endpoints(pipeline, engine):
         await out.wait(lambda c: len(c.of(s.output_topic, "summary")) == 1)
 
         def get(path: str) -> tuple[int, str]:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as r:  # noqa: S310
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as r:
                 return r.status, r.read().decode()
 
         await asyncio.sleep(0.3)
