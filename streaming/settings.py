@@ -28,6 +28,12 @@ class Settings(BaseSettings):
     dlq_topic: str = "utterance-features.dlq"
     text_topic: str = "utterance-text"
     group_id: str = Field(default="cfnesa-workers", description="the workers' consumer group")
+    group_instance_id: str | None = Field(
+        default=None,
+        description="static group membership (e.g. the pod name): a restarted worker "
+        "takes its partitions back without a rebalance",
+    )
+    rebalance_timeout_ms: int = Field(default=30_000, ge=1_000)
     session_timeout_ms: int = Field(default=10_000, ge=1_000)
     heartbeat_interval_ms: int = Field(default=1_000, ge=100)
     max_poll_interval_ms: int = Field(default=300_000, ge=10_000)

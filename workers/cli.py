@@ -186,6 +186,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
+    import signal
+
+    # stopped while still starting (importing torch, loading the model): nothing to finish
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     import asyncio
     import logging
 
@@ -279,6 +283,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--alert-rules", help="alert rules TOML (default: built in)")
     p.add_argument("--metrics-port", type=int, help="Prometheus /metrics port, 0: none")
     p.set_defaults(func=cmd_worker)
+
+    from workers.cli_pipeline import register
+
+    register(sub)
 
     p = sub.add_parser("demo", help="stream test conversations through the model, live")
     p.add_argument("--data", default="meld")

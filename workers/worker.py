@@ -173,7 +173,9 @@ class Worker:
 
     # ------------------------------------------------------------ lifecycle
 
-    async def start(self) -> None:
+    async def start(self, stop: asyncio.Event | None = None) -> bool:
+        """Connect to Kafka (retried with backoff until ``stop``); False if stopped."""
+        stop = stop or asyncio.Event()
         s = self.settings
         if s.torch_threads:
             import torch
@@ -191,6 +193,8 @@ class Worker:
         self._consumer = AIOKafkaConsumer(
             bootstrap_servers=s.bootstrap_servers(),
             group_id=s.group_id,
+            group_instance_id=s.group_instance_id,
+            rebalance_timeout_ms=s.rebalance_timeout_ms,
             enable_auto_commit=False,
             auto_offset_reset="earliest",
             session_timeout_ms=s.session_timeout_ms,
@@ -199,13 +203,16 @@ class Worker:
             fetch_max_bytes=max(s.max_message_bytes * 4, 52_428_800),
             max_partition_fetch_bytes=max(s.max_message_bytes * 2, 1_048_576),
         )
-        await self._retry("kafka", self._producer.start)
-        await self._retry("kafka", self._consumer.start)
+        if not await self._retry("kafka", self._producer.start, stop):
+            return False
+        if not await self._retry("kafka", self._consumer.start, stop):
+            return False
         self._consumer.subscribe([s.input_topic], listener=_Listener(self))
         self._healthy_at = time.monotonic()
         log.info(
             "worker up: model %s, group %s, topic %s", self.model_id, s.group_id, s.input_topic
         )
+        return True
 
     async def close(self) -> None:
         """Leave the group and close connections (after ``run`` returned)."""
@@ -236,8 +243,8 @@ class Worker:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Process batches until ``stop`` is set; the batch in flight is finished."""
-        if self._consumer is None:
-            await self.start()
+        if self._consumer is None and not await self.start(stop):
+            return
         consumer = self._consumer
         assert consumer is not None
         s = self.settings
@@ -280,6 +287,7 @@ class Worker:
 
         events: list[tuple[str | None, bytes, str]] = []  # (key, value, topic)
         reemit: dict[str, list[tuple[int, str]]] = {}
+        fresh: dict[str, list[bytes]] = {}
         pending = inputs
         for _attempt in range(5):
             if not pending:
@@ -308,7 +316,7 @@ class Worker:
                 if plan.duplicates:
                     reemit[plan.cid] = plan.duplicates
                     m.duplicates.inc(len(plan.duplicates))
-                events.extend((plan.cid, e, self.settings.output_topic) for e in out.events)
+                fresh[plan.cid] = out.events
                 now = time.time()
                 for t in out.e2e_from:
                     m.e2e_seconds.observe(max(now - t, 0.0))
@@ -318,12 +326,13 @@ class Worker:
         else:
             raise RuntimeError(f"conversations {sorted(pending)} kept conflicting; retrying")
 
-        if reemit:
-            stored = await self.store.events(reemit)
-            for cid, dups in reemit.items():
-                for seq, kind in dups:
-                    found = _stored_events(stored.get(cid, []), seq, kind)
-                    events.extend((cid, e, self.settings.output_topic) for e in found)
+        # per conversation: re-emitted events first (their seqs are older), then new ones
+        stored = await self.store.events(reemit) if reemit else {}
+        for cid in inputs:
+            for seq, kind in reemit.get(cid, ()):
+                found = _stored_events(stored.get(cid, []), seq, kind)
+                events.extend((cid, e, self.settings.output_topic) for e in found)
+            events.extend((cid, e, self.settings.output_topic) for e in fresh.get(cid, ()))
         for rec, error in dead:
             m.dead_letters.labels(error.reason.value).inc()
             letter = DeadLetter.from_error(
@@ -634,17 +643,19 @@ class Worker:
 
     # -------------------------------------------------------------- retries
 
-    async def _retry(self, service: str, fn: Callable[[], Any]) -> None:
+    async def _retry(self, service: str, fn: Callable[[], Any], stop: asyncio.Event) -> bool:
         delay = 0.2
-        while True:
+        while not stop.is_set():
             try:
                 await fn()
-                return
+                return True
             except (KafkaError, *_REDIS_DOWN) as exc:
                 self.metrics.outages.labels(service).inc()
                 log.warning("%s unavailable (%s); retrying in %.1fs", service, exc, delay)
-                await asyncio.sleep(delay)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), delay)
                 delay = min(delay * 2, 5.0)
+        return False
 
     async def _until_done(
         self,
@@ -751,10 +762,10 @@ async def serve(settings: Settings, *, ready: Callable[[Worker], None] | None = 
         loop.add_signal_handler(sig, stop.set)
     worker = Worker(settings)
     try:
-        await worker.start()
-        if ready is not None:
-            ready(worker)
-        await worker.run(stop)
+        if await worker.start(stop):
+            if ready is not None:
+                ready(worker)
+            await worker.run(stop)
     finally:
         await worker.close()
         log.info("worker stopped after %d utterances", worker.processed)

@@ -24,6 +24,12 @@ from streaming.settings import Settings
 from streaming.topics import ensure_topics
 
 FEATURE_SPEC = "minilm-l6-v2"
+# quick joins and rebalances on Tansu (see tests/fixtures_services.py)
+FAST_GROUP = {
+    "session_timeout_ms": 2000,
+    "heartbeat_interval_ms": 300,
+    "rebalance_timeout_ms": 2000,
+}
 CFNESA = Path(sys.executable).parent / "cfnesa"
 
 
@@ -95,8 +101,9 @@ class Pipeline:
             group_id=f"{self.tag}-workers",
             key_prefix=self.tag,
             metrics_port=0,
-            session_timeout_ms=6_000,
-            heartbeat_interval_ms=500,
+            session_timeout_ms=FAST_GROUP["session_timeout_ms"],
+            heartbeat_interval_ms=FAST_GROUP["heartbeat_interval_ms"],
+            rebalance_timeout_ms=FAST_GROUP["rebalance_timeout_ms"],
             max_wait_ms=5,
             max_batch_events=64,
         )
@@ -113,8 +120,9 @@ class Pipeline:
             "CFNESA_GROUP_ID": s.group_id,
             "CFNESA_KEY_PREFIX": s.key_prefix,
             "CFNESA_METRICS_PORT": "0",
-            "CFNESA_SESSION_TIMEOUT_MS": "6000",
-            "CFNESA_HEARTBEAT_INTERVAL_MS": "500",
+            "CFNESA_SESSION_TIMEOUT_MS": str(FAST_GROUP["session_timeout_ms"]),
+            "CFNESA_HEARTBEAT_INTERVAL_MS": str(FAST_GROUP["heartbeat_interval_ms"]),
+            "CFNESA_REBALANCE_TIMEOUT_MS": str(FAST_GROUP["rebalance_timeout_ms"]),
             "CFNESA_MAX_BATCH_EVENTS": "16",
             "CFNESA_TORCH_THREADS": "1",
             "CFNESA_LOG_LEVEL": "WARNING",
