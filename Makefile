@@ -30,7 +30,7 @@ test: $(STAMP) ## run the test suite
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi; exit $$rc
 
 .PHONY: demo
-demo: $(STAMP) ## run the main job: stream test conversations through the model, live
+demo: $(STAMP) ## the whole pipeline on embedded Kafka + Redis: live emotions and alerts (Ctrl-C stops)
 	$(VENV)/bin/cfnesa demo
 
 .PHONY: bench

@@ -147,7 +147,7 @@ def _prctl() -> Callable[..., int] | None:
     return prctl
 
 
-def _parent_death_signal() -> Callable[[], None] | None:
+def parent_death_signal() -> Callable[[], None] | None:
     """A ``preexec_fn`` that makes the child die with its parent (Linux), else None."""
     prctl = _prctl()
     if prctl is None:
@@ -287,7 +287,7 @@ class _Server:
                 cwd=self.workdir,
                 env=self._env(),
                 start_new_session=True,
-                preexec_fn=_parent_death_signal(),  # see the module docstring
+                preexec_fn=parent_death_signal(),  # see the module docstring
                 close_fds=True,
             )
         except OSError as exc:

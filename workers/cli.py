@@ -141,47 +141,64 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    """Stream test conversations through the shipped model, one utterance at a
-    time, printing emotions and shift probabilities as they come.
+    """The whole pipeline on embedded services; Ctrl-C stops it (workers/demo.py)."""
+    import asyncio
+    import signal
 
-    For now in-process (no Kafka/Redis yet: issue 3 puts the pipeline around
-    this loop); the numbers are those the workers will produce.
-    """
-    import time
+    from workers.demo import run_demo
 
-    from model.encoder import encode_transcripts
-    from model.engine import StreamingEngine, Utterance
+    async def main() -> dict[str, Any]:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        return await run_demo(
+            data=_transcript_path(args.data),
+            split=args.split,
+            calls=args.calls,
+            rate=args.rate,
+            limit=args.limit,
+            checkpoint=Path(args.checkpoint) if args.checkpoint else None,
+            stop=stop,
+        )
 
-    engine = StreamingEngine.load(args.checkpoint)
-    features = encode_transcripts(_transcript_path(args.data), label_field="emotion")
-    dialogues = [d for d in features.split("test") if d.length >= 6][: args.calls]
-    print(
-        f"model {engine.config.name}@{engine.fingerprint}: streaming {len(dialogues)} calls "
-        f"(Ctrl-C stops)\n"
-    )
-    states: list = [None] * len(dialogues)
-    longest = max(d.length for d in dialogues)
-    for t in range(longest):
-        live = [i for i, d in enumerate(dialogues) if t < d.length]
-        chunks = [[Utterance(dialogues[i].speakers[t], text=dialogues[i].text[t])] for i in live]  # type: ignore[index]
-        t0 = time.perf_counter()
-        results, new = engine.step(chunks, [states[i] for i in live])
-        ms = (time.perf_counter() - t0) * 1e3
-        for i, (res,), state in zip(live, results, new, strict=True):
-            states[i] = state
-            shift = res.shift_vs_speaker_previous
-            flag = (
-                "  <-- shift"
-                if shift is not None and shift > 0.8 and res.emotion != "neutral"
-                else ""
-            )
-            shift_txt = "  -  " if shift is None else f"{shift:.2f}"
-            print(
-                f"call {dialogues[i].dialogue_id:>12} #{t:<3} {res.speaker:>6}  "
-                f"{res.emotion:>9} {res.confidence:.2f}  p_shift {shift_txt}{flag}"
-            )
-        print(f"-- step {t}: {len(live)} calls in one batch, {ms:.1f} ms")
-        time.sleep(args.delay)
+    counts = asyncio.run(main())
+    return 0 if counts.get("emotion") or args.limit is None else 1
+
+
+def cmd_services(args: argparse.Namespace) -> int:
+    """Embedded Tansu + redis-server until Ctrl-C, with the settings to reach them."""
+    import signal
+    import threading
+
+    from streaming.embedded import Services
+    from streaming.settings import Settings
+
+    base = Settings()
+    topics = {
+        base.input_topic: args.partitions,
+        base.output_topic: args.partitions,
+        base.dlq_topic: 1,
+        base.text_topic: args.partitions,
+        f"{base.text_topic}.dlq": 1,
+    }
+    done = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: done.set())
+    with Services(topics=topics) as services:
+        print(
+            f"kafka (tansu, in memory): {services.bootstrap}\n"
+            f"redis:                    {services.redis_url}\n\n"
+            "in another terminal:\n"
+            f"  export CFNESA_KAFKA_BOOTSTRAP={services.bootstrap}\n"
+            f"  export CFNESA_REDIS_URL={services.redis_url}\n"
+            "  cfnesa worker & cfnesa featurize & cfnesa tail\n"
+            "  cfnesa replay --mode text --calls 8\n\n"
+            "Ctrl-C stops both.",
+            flush=True,
+        )
+        done.wait()
+    print("services stopped", flush=True)
     return 0
 
 
@@ -288,11 +305,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     register(sub)
 
-    p = sub.add_parser("demo", help="stream test conversations through the model, live")
-    p.add_argument("--data", default="meld")
-    p.add_argument("--checkpoint", help="checkpoint folder (default: the shipped model)")
-    p.add_argument("--calls", type=int, default=8, help="concurrent calls")
-    p.add_argument("--delay", type=float, default=0.3, help="seconds between steps")
+    p = sub.add_parser("services", help="embedded Kafka (Tansu) and redis-server until Ctrl-C")
+    p.add_argument("--partitions", type=int, default=4, help="partitions of the main topics")
+    p.set_defaults(func=cmd_services)
+
+    p = sub.add_parser(
+        "demo", help="the whole pipeline on embedded services, live emotions and alerts"
+    )
+    p.add_argument("--data", default="meld", help="transcript file or name in the data folder")
+    p.add_argument("--split", default="test")
+    p.add_argument("--checkpoint", help="model folder (default: the shipped model)")
+    p.add_argument("--calls", type=int, default=6, help="concurrent calls")
+    p.add_argument("--rate", type=float, default=6.0, help="utterances per second, all calls")
+    p.add_argument("--limit", type=int, help="stop after this many conversations ended")
     p.set_defaults(func=cmd_demo)
     return parser
 

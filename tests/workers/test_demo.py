@@ -1,0 +1,89 @@
+"""`cfnesa demo` end to end, as a user runs it: embedded services, featurizer,
+worker, live output; and Ctrl-C stops everything, leaving no process behind."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+pytestmark = pytest.mark.slow
+
+CFNESA = Path(sys.executable).parent / "cfnesa"
+LINES = [
+    "Hello, thanks for calling, how can I help?",
+    "My order never arrived and I am really upset about it.",
+    "I am sorry to hear that, let me check.",
+    "This is the third time this happens, it is unacceptable!",
+    "I understand, I will refund you right away.",
+    "Okay, thank you, that is great news.",
+]
+
+
+def _transcripts(path: Path, calls: int) -> Path:
+    with path.open("w") as fh:
+        for i in range(calls):
+            utterances = [
+                {"speaker": ("agent", "customer")[j % 2], "text": t, "emotion": "neutral"}
+                for j, t in enumerate(LINES)
+            ]
+            fh.write(
+                json.dumps({"dialogue_id": f"d{i}", "split": "test", "utterances": utterances})
+            )
+            fh.write("\n")
+    return path
+
+
+def test_demo_runs_the_whole_pipeline(tmp_path: Path):
+    data = _transcripts(tmp_path / "calls.jsonl", 2)
+    done = subprocess.run(
+        [str(CFNESA), "demo", "--data", str(data), "--limit", "2", "--calls", "2", "--rate", "0"],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        cwd=tmp_path,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    out = done.stdout
+    assert "kafka   127.0.0.1:" in out and "redis   redis://127.0.0.1:" in out
+    emotion_lines = [ln for ln in out.splitlines() if ln.startswith("call-") and "shift" in ln]
+    assert len(emotion_lines) >= 2 * len(LINES)
+    assert out.count("summary of call-") == 2
+    assert "demo stopped: 12 emotion events" in out
+
+
+def test_ctrl_c_stops_everything(tmp_path: Path):
+    data = _transcripts(tmp_path / "calls.jsonl", 50)
+    proc = subprocess.Popen(
+        [str(CFNESA), "demo", "--data", str(data), "--calls", "4", "--rate", "4"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=tmp_path,
+    )
+    assert proc.stdout is not None
+    children: list[psutil.Process] = []
+    deadline = time.monotonic() + 180
+    for line in proc.stdout:  # wait until emotions flow
+        if line.startswith("call-"):
+            break
+        assert time.monotonic() < deadline, "no emotion event in time"
+    children = psutil.Process(proc.pid).children(recursive=True)
+    names = " ".join(" ".join(c.cmdline()) for c in children)
+    assert "tansu" in names and "redis-server" in names and "worker" in names
+    started = time.monotonic()
+    proc.send_signal(signal.SIGINT)
+    rest = proc.communicate(timeout=30)[0]
+    assert proc.returncode == 0, rest[-2000:]
+    assert time.monotonic() - started < 15
+    assert "demo stopped" in rest
+    _, alive = psutil.wait_procs(children, timeout=5)
+    alive = [p for p in alive if p.status() != psutil.STATUS_ZOMBIE]
+    assert not alive, [p.cmdline() for p in alive]

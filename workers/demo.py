@@ -1,0 +1,230 @@
+"""`cfnesa demo`: the whole pipeline on embedded services, live in the terminal.
+
+    embedded Tansu + redis-server
+    replay (test conversations as live calls) -> utterance-text
+    cfnesa featurize (MiniLM)                 -> utterance-features
+    cfnesa worker (CFN-ESA, Redis state)      -> emotion-events
+    this process prints the emotion events, alerts and summaries as they arrive
+
+Ctrl-C stops everything within a few seconds: the child processes get SIGTERM
+(and die with this process anyway: PR_SET_PDEATHSIG), the services are stopped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any, TextIO
+
+from aiokafka import AIOKafkaConsumer
+
+from streaming.embedded import Services, free_port, parent_death_signal
+from streaming.events import SummaryEvent, load_output
+from streaming.settings import Settings
+from workers.tail import format_event
+
+
+def _cfnesa() -> list[str]:
+    script = Path(sys.executable).parent / "cfnesa"
+    if script.exists():
+        return [str(script)]
+    found = shutil.which("cfnesa")
+    return [found] if found else [sys.executable, "-m", "workers.cli"]
+
+
+def _env(settings: Settings) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        {
+            "CFNESA_KAFKA_BOOTSTRAP": settings.kafka_bootstrap,
+            "CFNESA_REDIS_URL": settings.redis_url,
+            "CFNESA_METRICS_PORT": str(settings.metrics_port),
+            "CFNESA_INCLUDE_TEXT": "true" if settings.include_text else "false",
+            "CFNESA_LOG_LEVEL": "WARNING",
+            "CFNESA_SESSION_TIMEOUT_MS": "3000",
+            "CFNESA_HEARTBEAT_INTERVAL_MS": "500",
+        }
+    )
+    if settings.checkpoint is not None:
+        env["CFNESA_CHECKPOINT"] = str(settings.checkpoint)
+    return env
+
+
+def _spawn(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    with log.open("ab") as fh:
+        return subprocess.Popen(  # noqa: S603 (our own console script)
+            [*_cfnesa(), *args],
+            env=env,
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,  # a terminal Ctrl-C reaches us; we stop them in order
+            preexec_fn=parent_death_signal(),
+        )
+
+
+def _stop(procs: list[subprocess.Popen[bytes]], timeout: float = 8.0) -> None:
+    for p in procs:
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    for p in procs:
+        try:
+            p.wait(max(deadline - time.monotonic(), 0.1))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+
+def _healthy(port: int) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1) as r:
+            return bool(r.status == 200)
+    except OSError:
+        return False
+
+
+async def _wait_ready(port: int, procs: list[subprocess.Popen[bytes]], logs: Path) -> None:
+    deadline = time.monotonic() + 120
+    while not await asyncio.to_thread(_healthy, port):
+        for p in procs:
+            if p.poll() is not None:
+                raise SystemExit(f"cfnesa demo: a pipeline process exited; see {logs}")
+        if time.monotonic() > deadline:
+            raise SystemExit(f"cfnesa demo: the worker did not become ready; see {logs}")
+        await asyncio.sleep(0.3)
+
+
+async def _show(
+    settings: Settings, stop: asyncio.Event, out: TextIO, color: bool, counts: dict[str, Any]
+) -> None:
+    consumer = AIOKafkaConsumer(
+        settings.output_topic,
+        bootstrap_servers=settings.bootstrap_servers(),
+        group_id=None,
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
+    )
+    await consumer.start()
+    try:
+        while not stop.is_set():
+            batches = await consumer.getmany(timeout_ms=200)
+            for rec in (r for part in batches.values() for r in part):
+                try:
+                    event = load_output(rec.value or b"")
+                except ValueError:
+                    continue
+                counts[event.type] = counts.get(event.type, 0) + 1
+                if isinstance(event, SummaryEvent):
+                    counts.setdefault("ended", set()).add(event.conversation_id)
+                print(format_event(event, color), file=out, flush=True)
+    finally:
+        with contextlib.suppress(Exception):
+            await consumer.stop()
+
+
+async def run_demo(
+    *,
+    data: Path,
+    split: str = "test",
+    calls: int = 6,
+    rate: float = 6.0,
+    limit: int | None = None,
+    checkpoint: Path | None = None,
+    out: TextIO = sys.stdout,
+    color: bool | None = None,
+    stop: asyncio.Event | None = None,
+) -> dict[str, Any]:
+    """Run the demo until ``stop`` (or, with ``limit``, until those calls ended)."""
+    from model.data import read_transcripts
+    from workers.replay import replay
+
+    stop = stop or asyncio.Event()
+    color = out.isatty() if color is None else color
+    dialogues = [d for d in read_transcripts(data) if d.split == split]
+    if not dialogues:
+        raise SystemExit(f"cfnesa demo: no dialogue of split {split!r} in {data}")
+    if limit is not None:
+        dialogues = dialogues[:limit]
+    logs = Path(tempfile.mkdtemp(prefix="cfnesa-demo-"))
+    base = Settings()
+    topics = {
+        base.input_topic: 4,
+        base.output_topic: 4,
+        base.dlq_topic: 1,
+        base.text_topic: 4,
+        f"{base.text_topic}.dlq": 1,
+    }
+    print("starting embedded Kafka (Tansu) and redis-server ...", file=out, flush=True)
+    services = await asyncio.to_thread(Services(log_dir=logs, topics=topics).start)
+    procs: list[subprocess.Popen[bytes]] = []
+    counts: dict[str, Any] = {}
+    try:
+        settings = Settings(
+            kafka_bootstrap=services.bootstrap,
+            redis_url=services.redis_url,
+            metrics_port=free_port(),
+            include_text=True,
+            checkpoint=checkpoint,
+        )
+        env = _env(settings)
+        procs.append(_spawn(["worker"], env, logs / "worker.log"))
+        procs.append(
+            _spawn(
+                ["featurize", "--bootstrap", settings.kafka_bootstrap], env, logs / "featurize.log"
+            )
+        )
+        print(
+            f"  kafka   {settings.kafka_bootstrap}\n  redis   {settings.redis_url}\n"
+            f"  metrics http://127.0.0.1:{settings.metrics_port}/metrics\n  logs    {logs}\n"
+            "loading the model and the text encoder ...",
+            file=out,
+            flush=True,
+        )
+        await _wait_ready(settings.metrics_port, procs, logs)
+        print(
+            f"replaying {len(dialogues)} {split} conversations of {data.name} as {calls} live "
+            f"calls at {rate:g} utterances/s (Ctrl-C stops)\n",
+            file=out,
+            flush=True,
+        )
+        shown = asyncio.create_task(_show(settings, stop, out, color, counts))
+        stats = await replay(
+            settings,
+            dialogues,
+            calls=calls,
+            rate=rate,
+            mode="text",
+            loop=limit is None,
+            progress=False,
+            stop=stop,
+        )
+        if limit is not None and not stop.is_set():
+            wanted = set(stats.conversation_ids)
+            deadline = time.monotonic() + 120
+            while not wanted <= counts.get("ended", set()) and time.monotonic() < deadline:
+                if stop.is_set():
+                    break
+                await asyncio.sleep(0.2)
+        stop.set()
+        await shown
+    finally:
+        stop.set()
+        await asyncio.to_thread(_stop, procs)
+        await asyncio.to_thread(services.close)
+    print(
+        f"\ndemo stopped: {counts.get('emotion', 0)} emotion events, "
+        f"{counts.get('alert', 0)} alerts, {counts.get('summary', 0)} call summaries",
+        file=out,
+        flush=True,
+    )
+    return counts
