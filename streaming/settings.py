@@ -52,7 +52,9 @@ class Settings(BaseSettings):
 
     # --- batching and caching
     max_batch_events: int = Field(default=256, ge=1, description="most input events per batch")
-    max_wait_ms: int = Field(default=5, ge=0, description="longest wait for a batch to fill")
+    max_wait_ms: int = Field(
+        default=2, ge=0, description="after the first input of a batch, wait this long for more"
+    )
     state_cache: bool = Field(
         default=True, description="keep owned conversations' states in memory"
     )

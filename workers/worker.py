@@ -250,12 +250,16 @@ class Worker:
         s = self.settings
         while not stop.is_set():
             self._healthy_at = time.monotonic()
-            batches = await consumer.getmany(
-                timeout_ms=max(s.max_wait_ms, 50), max_records=s.max_batch_events
-            )
+            batches = await consumer.getmany(timeout_ms=100, max_records=s.max_batch_events)
             records = [r for part in batches.values() for r in part]
             if not records:
                 continue
+            if s.max_wait_ms and len(records) < s.max_batch_events:
+                # let the batch fill a little: more calls per step, bounded added latency
+                more = await consumer.getmany(
+                    timeout_ms=s.max_wait_ms, max_records=s.max_batch_events - len(records)
+                )
+                records += [r for part in more.values() for r in part]
             self.faults.reach("after_poll")
             started = time.monotonic()
             async with self._lock:
