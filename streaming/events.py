@@ -143,6 +143,11 @@ Seq = Annotated[int, Field(strict=True, ge=0)]
 Speaker = Annotated[str, StringConstraints(min_length=1, max_length=64)]
 Probability = Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False)]
 Count = Annotated[int, Field(ge=0)]
+# Who owns a call (a contact centre, a customer of ours); the gateway never shows
+# one tenant's events to another's token. None: the deployment has one tenant.
+Tenant = Annotated[
+    str, StringConstraints(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
+]
 # Input times are normalised to aware UTC datetimes (a naive time is taken as UTC).
 Timestamp = Annotated[
     datetime,
@@ -202,6 +207,7 @@ class _Input(BaseModel):
     schema_version: SchemaVersion
     conversation_id: ConversationId
     seq: Seq
+    tenant: Tenant | None = None
 
 
 class UtteranceEvent(_Input):
@@ -420,6 +426,7 @@ class _Output(BaseModel):
     event_id: str = ""  # derived from conversation_id, seq and the kind when empty
     conversation_id: ConversationId
     seq: Count  # not strict, unlike input: numpy integers from the worker are fine
+    tenant: Tenant | None = None  # copied from the input event
 
     @classmethod
     def _derive_event_id(cls, values: Mapping[str, Any]) -> str:
@@ -593,6 +600,7 @@ def utterance_event(
     text: str | None = None,
     ts: str | datetime | None = None,
     b64: bool = True,
+    tenant: str | None = None,
 ) -> bytes:
     """Build an utterance message for producers (replay, tests).
 
