@@ -618,12 +618,16 @@ def utterance_event(
         elif values is not None:  # float32 values as Python floats: exact, NaN stays NaN
             features[name] = np.asarray(values, dtype=np.float32).astype(float).tolist()
     rest = {"speaker": speaker, "features": features, "feature_spec": feature_spec, "text": text}
+    if tenant is not None:
+        rest["tenant"] = tenant
     return _message("utterance", conversation_id, seq, ts, rest)
 
 
-def end_event(conversation_id: str, seq: int, ts: str | datetime | None = None) -> bytes:
+def end_event(
+    conversation_id: str, seq: int, ts: str | datetime | None = None, tenant: str | None = None
+) -> bytes:
     """Build an end-of-conversation message for producers (replay, tests)."""
-    return _message("end", conversation_id, seq, ts, {})
+    return _message("end", conversation_id, seq, ts, {} if tenant is None else {"tenant": tenant})
 
 
 def _message(

@@ -256,3 +256,27 @@ async def test_end_of_an_unknown_call_and_utterances_after_end(pipeline, engine)
     assert out.of(s.dlq_topic)[0]["reason"] == "conversation_ended"
     ends = [e for e in out.of(s.output_topic, "summary") if e["conversation_id"] == call.cid]
     assert ends[0] == ends[1]  # the repeated end re-emits the same summary
+
+
+async def test_tenant_flows_from_input_to_every_output(pipeline, engine):
+    s = pipeline.settings
+    (call,) = make_calls(1, 4, seed=7)
+    msgs = [
+        (
+            call.cid,
+            utterance_event(
+                call.cid,
+                i,
+                call.speakers[i],
+                {"text": call.vectors[i]},
+                FEATURE_SPEC,
+                tenant="acme",
+            ),
+        )
+        for i in range(4)
+    ]
+    msgs.append((call.cid, end_event(call.cid, 4, tenant="acme")))
+    async with Collector(s.kafka_bootstrap, s.output_topic) as out, running(s, engine):
+        await produce(s.kafka_bootstrap, s.input_topic, msgs)
+        await out.wait(lambda c: len(c.of(s.output_topic, "summary")) == 1)
+    assert {e["tenant"] for e in out.of(s.output_topic)} == {"acme"}
