@@ -54,17 +54,17 @@ class AlertRules(BaseModel):
 
     @classmethod
     def load(cls, path: str | Path | None = None) -> AlertRules:
+        where = "the default alert rules" if path is None else str(path)
         try:
             if path is None:
-                text = resources.files("streaming").joinpath("alert_rules.toml").read_text()
-                where = "the default alert rules"
+                source = resources.files("streaming").joinpath("alert_rules.toml")
+                text = source.read_text(encoding="utf-8")
             else:
-                text = Path(path).read_text()
-                where = str(path)
+                text = Path(path).read_text(encoding="utf-8")
             return cls.model_validate(tomllib.loads(text))
         except OSError as exc:
             raise AlertRulesError(f"cannot read alert rules {path}: {exc}") from exc
-        except tomllib.TOMLDecodeError as exc:
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
             raise AlertRulesError(f"{where} is not valid TOML: {exc}") from exc
         except ValidationError as exc:
             raise AlertRulesError(f"{where} is invalid:\n{exc}") from exc

@@ -94,6 +94,10 @@ class StateStore:
     def __init__(self, client: Any, *, prefix: str = "cfnesa", recent_events: int = 64) -> None:
         self.client = client
         self.prefix = prefix
+        if recent_events < 1:
+            raise ValueError(f"recent_events must be >= 1, got {recent_events}")
+        if "{" in prefix or "}" in prefix:
+            raise ValueError(f"the key prefix {prefix!r} must not contain braces (hash tags)")
         self.recent_events = recent_events
         self._commit = client.register_script(_COMMIT)
 
@@ -112,10 +116,10 @@ class StateStore:
         return cls(client, prefix=prefix, recent_events=recent_events)
 
     def state_key(self, conversation_id: str) -> str:
-        return f"{self.prefix}:{{{conversation_id}}}:state"
+        return f"{self.prefix}:{{{_tag(conversation_id)}}}:state"
 
     def events_key(self, conversation_id: str) -> str:
-        return f"{self.prefix}:{{{conversation_id}}}:events"
+        return f"{self.prefix}:{{{_tag(conversation_id)}}}:events"
 
     async def ping(self) -> bool:
         return bool(await self.client.ping())
@@ -181,3 +185,9 @@ class StateStore:
 
     async def close(self) -> None:
         await self.client.aclose()
+
+
+def _tag(conversation_id: str) -> str:
+    """The id inside the hash tag, with braces escaped: Redis Cluster hashes the text
+    between the first ``{`` and the next ``}``, so a brace in the id must not end it."""
+    return conversation_id.replace("%", "%25").replace("{", "%7B").replace("}", "%7D")

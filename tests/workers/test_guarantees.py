@@ -51,7 +51,7 @@ async def _check_states(pipe: Pipeline, engine: StreamingEngine, calls) -> None:
     client = aioredis.from_url(pipe.redis_url)
     try:
         for call in calls:
-            raw = await client.hgetall(f"{pipe.tag}:{{{call.cid}}}:state")
+            raw = await client.hgetall(StateStore(client, prefix=pipe.tag).state_key(call.cid))
             fields = {k.decode(): v for k, v in raw.items()}
             assert int(fields.pop("seq")) == len(call.vectors) - 1
             stored = ConversationState.from_parts(fields, expected_fingerprint=engine.fingerprint)
