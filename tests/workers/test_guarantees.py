@@ -34,6 +34,7 @@ from support import (
 from model.engine import StreamingEngine, Utterance
 from model.state import ConversationState
 from streaming.embedded import EmbeddedKafka, EmbeddedRedis
+from streaming.state_store import StateStore
 
 pytestmark = pytest.mark.slow
 
