@@ -280,3 +280,33 @@ async def test_tenant_flows_from_input_to_every_output(pipeline, engine):
         await produce(s.kafka_bootstrap, s.input_topic, msgs)
         await out.wait(lambda c: len(c.of(s.output_topic, "summary")) == 1)
     assert {e["tenant"] for e in out.of(s.output_topic)} == {"acme"}
+
+
+async def test_a_state_of_another_model_is_reset_loudly(pipeline, engine, caplog):
+    """A stored state written by another model fingerprint is never fed to the
+    model: the call goes on from an empty state, with a warning and a metric."""
+    import dataclasses
+
+    from model.engine import Utterance
+    from streaming.state_store import Commit, StateStore
+
+    s = pipeline.settings
+    (call,) = make_calls(1, 4, seed=8)
+    foreign = dataclasses.replace(engine.new_state(), fingerprint="0000000000000000")
+    store = StateStore.connect(s.redis_url, prefix=s.key_prefix)
+    (ok,) = await store.commit(
+        [Commit(call.cid, expected_seq=None, new_seq=2, fields=foreign.to_parts())]
+    )
+    await store.close()
+    assert ok.ok
+    async with Collector(s.kafka_bootstrap, s.output_topic) as out, running(s, engine) as w:
+        await produce(s.kafka_bootstrap, s.input_topic, [(call.cid, call.message(3))])
+        await out.wait(lambda c: len(c.of(s.output_topic, "emotion")) == 1)
+        resets = w.metrics.state_resets.labels("fingerprint")._value.get()
+    assert resets == 1
+    assert "stored state refused" in caplog.text
+    (event,) = out.of(s.output_topic, "emotion")
+    assert event["seq"] == 3 and event["shift"]["vs_previous"] is None  # a fresh start
+    (fresh,) = engine.run_dialogue([Utterance(call.speakers[3], text=call.vectors[3])])
+    got = [event["probabilities"][n] for n in engine.label_names]
+    assert np.allclose(got, fresh.probabilities, atol=1e-4)
