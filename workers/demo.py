@@ -112,6 +112,7 @@ async def _show(
         bootstrap_servers=settings.bootstrap_servers(),
         group_id=None,
         auto_offset_reset="earliest",
+        fetch_max_wait_ms=settings.fetch_max_wait_ms,
         enable_auto_commit=False,
     )
     await consumer.start()

@@ -157,6 +157,7 @@ async def tail(
         group_id=None,
         enable_auto_commit=False,
         auto_offset_reset="earliest" if from_beginning else "latest",
+        fetch_max_wait_ms=settings.fetch_max_wait_ms,
     )
     printed = 0
     await consumer.start()

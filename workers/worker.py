@@ -200,6 +200,7 @@ class Worker:
             session_timeout_ms=s.session_timeout_ms,
             heartbeat_interval_ms=s.heartbeat_interval_ms,
             max_poll_interval_ms=s.max_poll_interval_ms,
+            fetch_max_wait_ms=s.fetch_max_wait_ms,
             fetch_max_bytes=max(s.max_message_bytes * 4, 52_428_800),
             max_partition_fetch_bytes=max(s.max_message_bytes * 2, 1_048_576),
         )
