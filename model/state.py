@@ -30,6 +30,7 @@ from __future__ import annotations
 import json
 import struct
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -77,19 +78,8 @@ class ConversationState:
         m_count = self.rume_h.shape[0]
         # a modality with no slot present in the window needs no window blobs
         stored = [i for i in range(m_count) if bool(self.win_present[:, i].any())]
-        header = {
-            "fingerprint": self.fingerprint,
-            "position": self.position,
-            "shape": {
-                "modalities": m_count,
-                "rume_layers": self.rume_h.shape[1],
-                "acme_layers": self.win_x.shape[0],
-                "slots": self.win_x.shape[2],
-                "d": self.rume_h.shape[2],
-            },
-            "window_modalities": stored,
-            "speakers": list(self.speakers),
-        }
+        header = self._header()
+        header["window_modalities"] = stored
         blobs = [
             _f32(self.rume_h),
             np.packbits(self.win_present.numpy().astype(np.uint8)).tobytes(),
@@ -99,8 +89,21 @@ class ConversationState:
             blobs.append(_f32(self.win_s[:, stored]))
         if self.speakers:
             blobs.append(_f32(torch.stack(list(self.speakers.values()))))
-        head = json.dumps(header, separators=(",", ":")).encode()
-        return _HEAD.pack(MAGIC, FORMAT_VERSION, len(head)) + head + b"".join(blobs)
+        return _pack(header, blobs)
+
+    def _header(self) -> dict[str, Any]:
+        return {
+            "fingerprint": self.fingerprint,
+            "position": self.position,
+            "shape": {
+                "modalities": self.rume_h.shape[0],
+                "rume_layers": self.rume_h.shape[1],
+                "acme_layers": self.win_x.shape[0],
+                "slots": self.win_x.shape[2],
+                "d": self.rume_h.shape[2],
+            },
+            "speakers": list(self.speakers),
+        }
 
     @classmethod
     def from_bytes(
@@ -112,36 +115,14 @@ class ConversationState:
             StateFormatError: not a state, an unknown format version, or corrupt.
             FingerprintMismatchError: written by another model than expected.
         """
-        if len(data) < _HEAD.size:
-            raise StateFormatError(f"state too short ({len(data)} bytes)")
-        magic, version, head_len = _HEAD.unpack_from(data)
-        if magic != MAGIC:
-            raise StateFormatError("not a CFN-ESA conversation state (bad magic)")
-        if version != FORMAT_VERSION:
-            raise StateFormatError(
-                f"state format version {version}; this code reads version {FORMAT_VERSION}"
-            )
+        header, body_at = _unpack(data, expected_fingerprint)
+        m, r, a, c, d = header.dims
+        fingerprint, speakers, position = header.fingerprint, header.speakers, header.position
         try:
-            header = json.loads(data[_HEAD.size : _HEAD.size + head_len])
-            shape = header["shape"]
-            m, r, a, c, d = (
-                shape["modalities"],
-                shape["rume_layers"],
-                shape["acme_layers"],
-                shape["slots"],
-                shape["d"],
-            )
-            fingerprint = header["fingerprint"]
-            stored = list(header["window_modalities"])
-            speakers = list(header["speakers"])
-            position = int(header["position"])
-        except (ValueError, KeyError, TypeError) as exc:
+            stored = [int(i) for i in header.raw["window_modalities"]]
+        except (KeyError, TypeError, ValueError) as exc:
             raise StateFormatError(f"corrupt state header: {exc}") from exc
-        if expected_fingerprint is not None and fingerprint != expected_fingerprint:
-            raise FingerprintMismatchError(
-                f"state written by model {fingerprint}, this model is {expected_fingerprint}"
-            )
-        reader = _Reader(data, _HEAD.size + head_len)
+        reader = _Reader(data, body_at)
         try:
             rume_h = reader.f32((m, r, d))
             bits = reader.raw((c * m + 7) // 8)
@@ -172,23 +153,10 @@ class ConversationState:
         ``>= since`` (all slots when None). See the module docstring."""
         m_count = self.rume_h.shape[0]
         slots = self.win_x.shape[2]
-        header = {
-            "fingerprint": self.fingerprint,
-            "position": self.position,
-            "shape": {
-                "modalities": m_count,
-                "rume_layers": self.rume_h.shape[1],
-                "acme_layers": self.win_x.shape[0],
-                "slots": slots,
-                "d": self.rume_h.shape[2],
-            },
-            "speakers": list(self.speakers),
-        }
-        head = json.dumps(header, separators=(",", ":")).encode()
         blobs = [_f32(self.rume_h)]
         if self.speakers:
             blobs.append(_f32(torch.stack(list(self.speakers.values()))))
-        parts = {CORE: _HEAD.pack(MAGIC, FORMAT_VERSION, len(head)) + head + b"".join(blobs)}
+        parts = {CORE: _pack(self._header(), blobs)}
         first = max(self.position - slots, 0 if since is None else since)
         for p in range(first, self.position):
             j = p - (self.position - slots)
@@ -216,39 +184,14 @@ class ConversationState:
         core = parts.get(CORE)
         if core is None:
             raise StateFormatError("state has no core part")
-        if len(core) < _HEAD.size:
-            raise StateFormatError(f"state core too short ({len(core)} bytes)")
-        magic, version, head_len = _HEAD.unpack_from(core)
-        if magic != MAGIC:
-            raise StateFormatError("not a CFN-ESA conversation state (bad magic)")
-        if version != FORMAT_VERSION:
-            raise StateFormatError(
-                f"state format version {version}; this code reads version {FORMAT_VERSION}"
-            )
-        try:
-            header = json.loads(core[_HEAD.size : _HEAD.size + head_len])
-            shape = header["shape"]
-            m, r, a, c, d = (
-                int(shape["modalities"]),
-                int(shape["rume_layers"]),
-                int(shape["acme_layers"]),
-                int(shape["slots"]),
-                int(shape["d"]),
-            )
-            fingerprint = str(header["fingerprint"])
-            speakers = [str(x) for x in header["speakers"]]
-            position = int(header["position"])
-        except (ValueError, KeyError, TypeError) as exc:
-            raise StateFormatError(f"corrupt state header: {exc}") from exc
-        if expected_fingerprint is not None and fingerprint != expected_fingerprint:
-            raise FingerprintMismatchError(
-                f"state written by model {fingerprint}, this model is {expected_fingerprint}"
-            )
+        header, body_at = _unpack(core, expected_fingerprint)
+        m, r, a, c, d = header.dims
+        fingerprint, speakers, position = header.fingerprint, header.speakers, header.position
         win_x = torch.zeros(a, m, c, d)
         win_s = torch.zeros(a, m, c, d)
         present_mask = torch.zeros(c, m, dtype=torch.bool)
         try:
-            reader = _Reader(core, _HEAD.size + head_len)
+            reader = _Reader(core, body_at)
             rume_h = reader.f32((m, r, d))
             vectors = reader.f32((len(speakers), d)) if speakers else torch.zeros(0, d)
             reader.done()
@@ -285,6 +228,54 @@ class ConversationState:
 def slot_name(position: int, slots: int) -> str:
     """The part name of the window slot holding the utterance at ``position``."""
     return f"w{position % slots}" if slots else "w"
+
+
+@dataclass(frozen=True)
+class _Header:
+    raw: dict[str, Any]
+    fingerprint: str
+    position: int
+    speakers: list[str]
+    dims: tuple[int, int, int, int, int]  # modalities, rume layers, acme layers, slots, d
+
+
+def _pack(header: dict[str, Any], blobs: list[bytes]) -> bytes:
+    head = json.dumps(header, separators=(",", ":")).encode()
+    return _HEAD.pack(MAGIC, FORMAT_VERSION, len(head)) + head + b"".join(blobs)
+
+
+def _unpack(data: bytes, expected_fingerprint: str | None) -> tuple[_Header, int]:
+    """Check magic, version and fingerprint; parse the header. Returns it and where
+    the blobs start."""
+    if len(data) < _HEAD.size:
+        raise StateFormatError(f"state too short ({len(data)} bytes)")
+    magic, version, head_len = _HEAD.unpack_from(data)
+    if magic != MAGIC:
+        raise StateFormatError("not a CFN-ESA conversation state (bad magic)")
+    if version != FORMAT_VERSION:
+        raise StateFormatError(
+            f"state format version {version}; this code reads version {FORMAT_VERSION}"
+        )
+    try:
+        raw = json.loads(data[_HEAD.size : _HEAD.size + head_len])
+        shape = raw["shape"]
+        dims = tuple(
+            int(shape[k]) for k in ("modalities", "rume_layers", "acme_layers", "slots", "d")
+        )
+        header = _Header(
+            raw=raw,
+            fingerprint=str(raw["fingerprint"]),
+            position=int(raw["position"]),
+            speakers=[str(x) for x in raw["speakers"]],
+            dims=dims,  # type: ignore[arg-type]
+        )
+    except (ValueError, KeyError, TypeError) as exc:
+        raise StateFormatError(f"corrupt state header: {exc}") from exc
+    if expected_fingerprint is not None and header.fingerprint != expected_fingerprint:
+        raise FingerprintMismatchError(
+            f"state written by model {header.fingerprint}, this model is {expected_fingerprint}"
+        )
+    return header, _HEAD.size + head_len
 
 
 def _f32(t: Tensor) -> bytes:
