@@ -84,3 +84,25 @@ class Settings(BaseSettings):
 
     def bootstrap_servers(self) -> list[str]:
         return [s.strip() for s in self.kafka_bootstrap.split(",") if s.strip()]
+
+    # --- gateway (`cfnesa gateway`, docs/gateway.md)
+    gateway_host: str = Field(default="127.0.0.1", description="where the gateway listens")
+    gateway_port: int = Field(default=8765, ge=0, le=65535, description="0: any free port")
+    gateway_secret: str | None = Field(
+        default=None,
+        repr=False,  # never in logs or tracebacks
+        description="signs the gateway's bearer tokens; unset: `cfnesa gateway` makes a "
+        "random one whose tokens die with the process",
+    )
+    client_queue: int = Field(
+        default=1000, ge=1, description="gateway: messages waiting per client before 4008"
+    )
+    max_frame_bytes: int = Field(
+        default=64 * 1024, ge=1024, description="gateway: largest frame a client may send"
+    )
+    ping_interval_s: float = Field(
+        default=20.0, ge=0, description="gateway: keepalive ping interval and timeout (0: off)"
+    )
+    snapshot_events: int | None = Field(
+        default=None, ge=1, description="gateway: events per snapshot (default: recent_events)"
+    )

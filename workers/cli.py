@@ -6,6 +6,7 @@
     cfnesa services                               embedded Kafka (Tansu) + redis-server
     cfnesa worker                                 an emotion worker (settings: CFNESA_*)
     cfnesa demo                                   the whole pipeline on embedded services
+    cfnesa gateway / token                        WebSocket gateway + dashboard, its tokens
 
 ``--data`` takes a path to a JSONL transcript file or the name of one in the
 data folder (``$CFNESA_DATA_DIR``, default ``../shared/data``).
@@ -301,9 +302,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics-port", type=int, help="Prometheus /metrics port, 0: none")
     p.set_defaults(func=cmd_worker)
 
+    from workers.cli_gateway import register as register_gateway
     from workers.cli_pipeline import register
 
     register(sub)
+    register_gateway(sub)
 
     p = sub.add_parser("services", help="embedded Kafka (Tansu) and redis-server until Ctrl-C")
     p.add_argument("--partitions", type=int, default=4, help="partitions of the main topics")
