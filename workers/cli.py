@@ -161,6 +161,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
             limit=args.limit,
             checkpoint=Path(args.checkpoint) if args.checkpoint else None,
             stop=stop,
+            gateway_port=args.gateway_port,
         )
 
     counts = asyncio.run(main())
@@ -321,6 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calls", type=int, default=6, help="concurrent calls")
     p.add_argument("--rate", type=float, default=6.0, help="utterances per second, all calls")
     p.add_argument("--limit", type=int, help="stop after this many conversations ended")
+    p.add_argument("--gateway-port", type=int, help="dashboard port (default: a free one)")
     p.set_defaults(func=cmd_demo)
     return parser
 

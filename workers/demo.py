@@ -4,6 +4,7 @@
     replay (test conversations as live calls) -> utterance-text
     cfnesa featurize (MiniLM)                 -> utterance-features
     cfnesa worker (CFN-ESA, Redis state)      -> emotion-events
+    cfnesa gateway                            -> the live dashboard (URL with a token printed)
     this process prints the emotion events, alerts and summaries as they arrive
 
 Ctrl-C stops everything within a few seconds: the child processes get SIGTERM
@@ -15,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -29,6 +31,7 @@ from aiokafka import AIOKafkaConsumer
 
 from streaming.embedded import Services, free_port, parent_death_signal
 from streaming.events import SummaryEvent, load_output
+from streaming.gateway.auth import TokenSigner
 from streaming.settings import Settings
 from workers.tail import format_event
 
@@ -45,6 +48,8 @@ def _env(settings: Settings) -> dict[str, str]:
     env = dict(os.environ)
     env.update(
         {
+            "CFNESA_GATEWAY_SECRET": settings.gateway_secret or "",
+            "CFNESA_GATEWAY_PORT": str(settings.gateway_port),
             "CFNESA_KAFKA_BOOTSTRAP": settings.kafka_bootstrap,
             "CFNESA_REDIS_URL": settings.redis_url,
             "CFNESA_METRICS_PORT": str(settings.metrics_port),
@@ -144,6 +149,7 @@ async def run_demo(
     out: TextIO = sys.stdout,
     color: bool | None = None,
     stop: asyncio.Event | None = None,
+    gateway_port: int | None = None,
 ) -> dict[str, Any]:
     """Run the demo until ``stop`` (or, with ``limit``, until those calls ended)."""
     from model.data import read_transcripts
@@ -176,6 +182,8 @@ async def run_demo(
             metrics_port=free_port(),
             include_text=True,
             checkpoint=checkpoint,
+            gateway_port=gateway_port or free_port(),
+            gateway_secret=secrets.token_urlsafe(32),
         )
         env = _env(settings)
         procs.append(_spawn(["worker"], env, logs / "worker.log"))
@@ -184,6 +192,12 @@ async def run_demo(
                 ["featurize", "--bootstrap", settings.kafka_bootstrap], env, logs / "featurize.log"
             )
         )
+        procs.append(_spawn(["gateway"], env, logs / "gateway.log"))
+        assert settings.gateway_secret is not None
+        token = TokenSigner(settings.gateway_secret).mint(
+            "default", all_conversations=True, ttl_s=12 * 3600
+        )
+        dashboard = f"http://127.0.0.1:{settings.gateway_port}/?token={token}"
         print(
             f"  kafka   {settings.kafka_bootstrap}\n  redis   {settings.redis_url}\n"
             f"  metrics http://127.0.0.1:{settings.metrics_port}/metrics\n  logs    {logs}\n"
@@ -192,6 +206,8 @@ async def run_demo(
             flush=True,
         )
         await _wait_ready(settings.metrics_port, procs, logs)
+        print(f"\ndashboard: {dashboard}\n", file=out, flush=True)
+        counts["dashboard"] = dashboard
         print(
             f"replaying {len(dialogues)} {split} conversations of {data.name} as {calls} live "
             f"calls at {rate:g} utterances/s (Ctrl-C stops)\n",

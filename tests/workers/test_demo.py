@@ -53,6 +53,7 @@ def test_demo_runs_the_whole_pipeline(tmp_path: Path):
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     out = done.stdout
     assert "kafka   127.0.0.1:" in out and "redis   redis://127.0.0.1:" in out
+    assert "dashboard: http://127.0.0.1:" in out and "/?token=" in out
     emotion_lines = [ln for ln in out.splitlines() if ln.startswith("call-") and "shift" in ln]
     assert len(emotion_lines) >= 2 * len(LINES)
     assert out.count("summary of call-") == 2
@@ -77,7 +78,8 @@ def test_ctrl_c_stops_everything(tmp_path: Path):
         assert time.monotonic() < deadline, "no emotion event in time"
     children = psutil.Process(proc.pid).children(recursive=True)
     names = " ".join(" ".join(c.cmdline()) for c in children)
-    assert "tansu" in names and "redis-server" in names and "worker" in names
+    for part in ("tansu", "redis-server", "worker", "featurize", "gateway"):
+        assert part in names, names
     started = time.monotonic()
     proc.send_signal(signal.SIGINT)
     rest = proc.communicate(timeout=30)[0]
