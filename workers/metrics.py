@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import time
 from collections.abc import Callable
 
 from prometheus_client import (
@@ -135,7 +134,3 @@ async def serve_ops(
     server = await asyncio.start_server(handle, host, port)
     log.info("metrics on http://%s:%d/metrics", host, server.sockets[0].getsockname()[1])
     return server
-
-
-def now() -> float:
-    return time.time()

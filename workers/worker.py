@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import signal
@@ -379,9 +380,9 @@ class Worker:
                 continue
             last = stepped[-1][1].event.seq if stepped else conv.seq
             if last is not None and seq <= last:
-                if not stepped or seq <= (conv.seq if conv.seq is not None else -1):
-                    plan.duplicates.append((seq, "utterance"))
-                continue  # a repeat inside this batch: the first copy is processed
+                if conv.seq is not None and seq <= conv.seq:
+                    plan.duplicates.append((seq, "utterance"))  # processed before: re-emit
+                continue  # else a repeat inside this batch: its first copy is processed
             gap = seq != (last if last is not None else -1) + 1
             stepped.append((rec, parsed, gap))
         plan.chunk = stepped
@@ -723,8 +724,6 @@ def _utterance(parsed: ParsedUtterance) -> Utterance:
 
 def _stored_events(stored: list[bytes], seq: int, kind: str) -> list[bytes]:
     """The stored output events of one input: by their deterministic ids."""
-    import json
-
     out = []
     for raw in stored:
         try:
@@ -739,8 +738,6 @@ def _stored_events(stored: list[bytes], seq: int, kind: str) -> list[bytes]:
 
 
 def _tracker_copy(t: CallTracker) -> dict[str, Any]:
-    import json
-
     return dict(json.loads(t.to_json()))
 
 
