@@ -94,6 +94,12 @@ class Settings(BaseSettings):
         description="signs the gateway's bearer tokens; unset: `cfnesa gateway` makes a "
         "random one whose tokens die with the process",
     )
+    gateway_send_buffer_bytes: int = Field(
+        default=256 * 1024,
+        ge=0,
+        description="gateway: kernel send buffer per client socket (0: the OS's, which hides "
+        "a stalled client for seconds)",
+    )
     client_queue: int = Field(
         default=1000, ge=1, description="gateway: messages waiting per client before 4008"
     )
