@@ -49,29 +49,28 @@ import platform
 import random
 import resource
 import secrets
-import signal
 import socket
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import psutil
 from aiokafka import AIOKafkaProducer
-from prometheus_client.parser import text_string_to_metric_families
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from streaming.embedded import Services, free_port, parent_death_signal  # noqa: E402
+from common import finite, git, pct, scrape  # noqa: E402 (benchmarks/common.py)
+
+from streaming.embedded import Services, free_port  # noqa: E402
 from streaming.events import EmotionEvent, dump_event, format_ts  # noqa: E402
 from streaming.gateway.auth import TokenSigner  # noqa: E402
+from workers.processes import http_get, spawn, stop  # noqa: E402
 
 TOPIC = "emotion-events"
 PARTITIONS = 4
@@ -87,81 +86,8 @@ PROBS = {"neutral": 0.7, "joy": 0.1, "anger": 0.1, "sadness": 0.1}
 # ------------------------------------------------------------------ helpers
 
 
-def pct(sorted_values: list[float], q: float) -> float:
-    """Nearest-rank percentile of sorted values."""
-    if not sorted_values:
-        return math.nan
-    return sorted_values[max(math.ceil(q * len(sorted_values)) - 1, 0)]
-
-
 def ms(x: float) -> float:
     return round(x * 1e3, 2) if math.isfinite(x) else math.nan
-
-
-def finite(value: Any) -> Any:
-    """The record with inf and nan as null, for strict JSON."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: finite(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [finite(v) for v in value]
-    return value
-
-
-def git(*argv: str) -> str:
-    return subprocess.run(
-        ["git", *argv], cwd=ROOT, capture_output=True, text=True, check=False
-    ).stdout.strip()
-
-
-def cfnesa() -> list[str]:
-    script = Path(sys.executable).parent / "cfnesa"
-    return [str(script)] if script.exists() else [sys.executable, "-m", "workers.cli"]
-
-
-def spawn_gateway(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
-    with log.open("ab") as fh:
-        return subprocess.Popen(
-            [*cfnesa(), "gateway"],
-            env=env,
-            stdout=fh,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
-            preexec_fn=parent_death_signal(),  # dies with this process
-        )
-
-
-def stop_process(proc: subprocess.Popen[bytes], timeout: float = 10) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-
-
-def http_get(port: int, path: str) -> tuple[int, bytes]:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as r:
-            return int(r.status), r.read()
-    except OSError:
-        return 0, b""
-
-
-def scrape(port: int) -> dict[str, float]:
-    """The gateway's metrics as {"name{label=value}": value}."""
-    status, body = http_get(port, "/metrics")
-    if status != 200:
-        raise RuntimeError(f"GET /metrics answered {status}")
-    out = {}
-    for family in text_string_to_metric_families(body.decode()):
-        for s in family.samples:
-            labels = ",".join(f"{k}={v}" for k, v in sorted(s.labels.items()))
-            out[f"{s.name}{{{labels}}}" if labels else s.name] = s.value
-    return out
 
 
 def histogram_quantile(before: dict[str, float], after: dict[str, float], q: float) -> float:
@@ -517,7 +443,7 @@ def measure(n_clients: int, phase: str, args: Any, logs: Path) -> dict:
             "CFNESA_CLIENT_QUEUE": str(args.client_queue),
             "CFNESA_LOG_LEVEL": "INFO",
         }
-        gateway = spawn_gateway(env, folder / "gateway.log")
+        gateway = spawn(["gateway"], env, folder / "gateway.log")
         try:
             deadline = time.monotonic() + 60
             while http_get(port, "/healthz")[0] != 200:
@@ -526,7 +452,7 @@ def measure(n_clients: int, phase: str, args: Any, logs: Path) -> dict:
                 time.sleep(0.1)
             return asyncio.run(run_count(n_clients, phase, port, services, gateway.pid, args))
         finally:
-            stop_process(gateway)
+            stop([gateway])
 
 
 def main() -> int:

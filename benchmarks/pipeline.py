@@ -49,12 +49,10 @@ import json
 import math
 import os
 import platform
-import signal
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -63,13 +61,15 @@ from typing import Any
 import numpy as np
 import redis
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
-from prometheus_client.parser import text_string_to_metric_families
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from streaming.embedded import Services, free_port, parent_death_signal  # noqa: E402
+from common import finite, git, pct, scrape  # noqa: E402 (benchmarks/common.py)
+
+from streaming.embedded import Services, free_port  # noqa: E402
 from streaming.events import load_output, utterance_event  # noqa: E402
+from workers.processes import http_get, spawn, stop  # noqa: E402
 
 FEATURE_SPEC = "minilm-l6-v2"
 TEXT_DIM = 384
@@ -219,55 +219,6 @@ async def offer(
 # ------------------------------------------------------------------ processes
 
 
-def cfnesa() -> list[str]:
-    script = Path(sys.executable).parent / "cfnesa"
-    return [str(script)] if script.exists() else [sys.executable, "-m", "workers.cli"]
-
-
-def spawn_worker(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
-    with log.open("ab") as fh:
-        return subprocess.Popen(
-            [*cfnesa(), "worker"],
-            env=env,
-            stdout=fh,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
-            preexec_fn=parent_death_signal(),  # dies with this process
-        )
-
-
-def stop_worker(proc: subprocess.Popen[bytes], timeout: float = 10) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-
-
-def http_get(port: int, path: str) -> tuple[int, bytes]:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as r:
-            return int(r.status), r.read()
-    except OSError:
-        return 0, b""
-
-
-def scrape(port: int) -> dict[str, float]:
-    """The worker's metrics as {"name{label=value}": value}."""
-    status, body = http_get(port, "/metrics")
-    if status != 200:
-        raise RuntimeError(f"GET /metrics answered {status}")
-    out = {}
-    for family in text_string_to_metric_families(body.decode()):
-        for s in family.samples:
-            labels = ",".join(f"{k}={v}" for k, v in sorted(s.labels.items()))
-            out[f"{s.name}{{{labels}}}" if labels else s.name] = s.value
-    return out
-
-
 def cpu_seconds(pid: int | None) -> float | None:
     """User + system CPU seconds of a process (Linux /proc), None elsewhere."""
     if pid is None:
@@ -300,13 +251,6 @@ class Step:
     # a step that did not keep up: its latencies once the backlog drained
     p50_ms_drained: float | None = None
     p99_ms_drained: float | None = None
-
-
-def pct(sorted_values: list[float], q: float) -> float:
-    """Nearest-rank percentile of sorted values (inf for missing events stays inf)."""
-    if not sorted_values:
-        return math.nan
-    return sorted_values[max(math.ceil(q * len(sorted_values)) - 1, 0)]
 
 
 def ms(x: float) -> float:
@@ -630,22 +574,11 @@ def measure(name: str, args: Any, logs: Path) -> dict:
     folder.mkdir(parents=True, exist_ok=True)
     with Services(log_dir=folder, topics=topics) as services:
         port = free_port()
-        worker = spawn_worker(worker_env(name, services, port, args), folder / "worker.log")
+        worker = spawn(["worker"], worker_env(name, services, port, args), folder / "worker.log")
         try:
             return asyncio.run(run_config(name, services, worker, port, args))
         finally:
-            stop_worker(worker)
-
-
-def finite(value: Any) -> Any:
-    """The record with inf and nan (events that never came) as null, for strict JSON."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: finite(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [finite(v) for v in value]
-    return value
+            stop([worker])
 
 
 def env_pair(text: str) -> tuple[str, str]:
@@ -653,12 +586,6 @@ def env_pair(text: str) -> tuple[str, str]:
     if not eq or not name.startswith("CFNESA_"):
         raise argparse.ArgumentTypeError(f"expected CFNESA_NAME=VALUE, got {text!r}")
     return name, value
-
-
-def git(*argv: str) -> str:
-    return subprocess.run(
-        ["git", *argv], cwd=ROOT, capture_output=True, text=True, check=False
-    ).stdout.strip()
 
 
 def main() -> int:

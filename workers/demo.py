@@ -17,31 +17,22 @@ import asyncio
 import contextlib
 import os
 import secrets
-import shutil
-import signal
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any, TextIO
 
 from aiokafka import AIOKafkaConsumer
 
-from streaming.embedded import Services, free_port, parent_death_signal
+from streaming.embedded import Services, free_port
 from streaming.events import SummaryEvent, load_output
 from streaming.gateway.auth import TokenSigner
 from streaming.settings import Settings
+from workers.processes import http_get, spawn
+from workers.processes import stop as stop_processes
 from workers.tail import format_event
-
-
-def _cfnesa() -> list[str]:
-    script = Path(sys.executable).parent / "cfnesa"
-    if script.exists():
-        return [str(script)]
-    found = shutil.which("cfnesa")
-    return [found] if found else [sys.executable, "-m", "workers.cli"]
 
 
 def _env(settings: Settings) -> dict[str, str]:
@@ -64,43 +55,9 @@ def _env(settings: Settings) -> dict[str, str]:
     return env
 
 
-def _spawn(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
-    with log.open("ab") as fh:
-        return subprocess.Popen(  # noqa: S603 (our own console script)
-            [*_cfnesa(), *args],
-            env=env,
-            stdout=fh,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,  # a terminal Ctrl-C reaches us; we stop them in order
-            preexec_fn=parent_death_signal(),
-        )
-
-
-def _stop(procs: list[subprocess.Popen[bytes]], timeout: float = 8.0) -> None:
-    for p in procs:
-        if p.poll() is None:
-            p.send_signal(signal.SIGTERM)
-    deadline = time.monotonic() + timeout
-    for p in procs:
-        try:
-            p.wait(max(deadline - time.monotonic(), 0.1))
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
-
-
-def _healthy(port: int) -> bool:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1) as r:
-            return bool(r.status == 200)
-    except OSError:
-        return False
-
-
 async def _wait_ready(port: int, procs: list[subprocess.Popen[bytes]], logs: Path) -> None:
     deadline = time.monotonic() + 120
-    while not await asyncio.to_thread(_healthy, port):
+    while (await asyncio.to_thread(http_get, port, "/healthz", 1.0))[0] != 200:
         for p in procs:
             if p.poll() is not None:
                 raise SystemExit(f"cfnesa demo: a pipeline process exited; see {logs}")
@@ -186,13 +143,13 @@ async def run_demo(
             gateway_secret=secrets.token_urlsafe(32),
         )
         env = _env(settings)
-        procs.append(_spawn(["worker"], env, logs / "worker.log"))
+        procs.append(spawn(["worker"], env, logs / "worker.log"))
         procs.append(
-            _spawn(
+            spawn(
                 ["featurize", "--bootstrap", settings.kafka_bootstrap], env, logs / "featurize.log"
             )
         )
-        procs.append(_spawn(["gateway"], env, logs / "gateway.log"))
+        procs.append(spawn(["gateway"], env, logs / "gateway.log"))
         assert settings.gateway_secret is not None
         token = TokenSigner(settings.gateway_secret).mint(
             "default", all_conversations=True, ttl_s=12 * 3600
@@ -236,7 +193,7 @@ async def run_demo(
         await shown
     finally:
         stop.set()
-        await asyncio.to_thread(_stop, procs)
+        await asyncio.to_thread(stop_processes, procs)
         await asyncio.to_thread(services.close)
     print(
         f"\ndemo stopped: {counts.get('emotion', 0)} emotion events, "

@@ -1,0 +1,55 @@
+"""Helpers shared by the benchmarks (run as scripts: `python benchmarks/NAME.py`)."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from workers.processes import http_get
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def pct(sorted_values: list[float], q: float) -> float:
+    """Nearest-rank percentile of sorted values (nan when there are none)."""
+    if not sorted_values:
+        return math.nan
+    return sorted_values[max(math.ceil(q * len(sorted_values)) - 1, 0)]
+
+
+def finite(value: Any) -> Any:
+    """The record with inf and nan (e.g. events that never came) as null, for strict JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [finite(v) for v in value]
+    return value
+
+
+def git(*argv: str) -> str:
+    return subprocess.run(
+        ["git", *argv],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=False,
+    ).stdout.strip()
+
+
+def scrape(port: int) -> dict[str, float]:
+    """A Prometheus endpoint's samples as {"name{label=value,...}": value}."""
+    status, body = http_get(port, "/metrics")
+    if status != 200:
+        raise RuntimeError(f"GET /metrics answered {status}")
+    out = {}
+    for family in text_string_to_metric_families(body.decode()):
+        for s in family.samples:
+            labels = ",".join(f"{k}={v}" for k, v in sorted(s.labels.items()))
+            out[f"{s.name}{{{labels}}}" if labels else s.name] = s.value
+    return out
