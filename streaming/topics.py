@@ -11,10 +11,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaConnectionError, KafkaError
+from aiokafka.structs import ConsumerRecord, OffsetAndMetadata, TopicPartition
 
 __all__ = [
     "EMOTION_EVENTS",
@@ -23,6 +24,7 @@ __all__ = [
     "UTTERANCE_TEXT",
     "TopicSetupError",
     "ensure_topics",
+    "next_offsets",
 ]
 
 log = logging.getLogger(__name__)
@@ -173,3 +175,14 @@ async def _wait_for_metadata(
                     )
             return {name: counts[name] for name in names}
         await asyncio.sleep(min(_RETRY_S, max(0.0, deadline - time.monotonic())))
+
+
+def next_offsets(records: Iterable[ConsumerRecord]) -> dict[TopicPartition, OffsetAndMetadata]:
+    """The offsets to commit once ``records`` are done: per partition, one past the
+    highest offset processed."""
+    offsets: dict[TopicPartition, OffsetAndMetadata] = {}
+    for r in records:
+        tp = TopicPartition(r.topic, r.partition)
+        if tp not in offsets or offsets[tp].offset <= r.offset:
+            offsets[tp] = OffsetAndMetadata(r.offset + 1, "")
+    return offsets

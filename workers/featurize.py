@@ -34,9 +34,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.errors import KafkaError
-from aiokafka.structs import ConsumerRecord, OffsetAndMetadata
+from aiokafka.structs import ConsumerRecord
 from pydantic import BaseModel, ConfigDict, StringConstraints, ValidationError
 
 from streaming.events import (
@@ -54,6 +54,7 @@ from streaming.events import (
     utterance_event,
 )
 from streaming.settings import Settings
+from streaming.topics import next_offsets
 
 if TYPE_CHECKING:
     from model.encoder import SentenceEncoder
@@ -391,13 +392,8 @@ async def _produce(
 
 
 async def _commit(consumer: AIOKafkaConsumer, records: Sequence[ConsumerRecord]) -> None:
-    offsets: dict[TopicPartition, OffsetAndMetadata] = {}
-    for r in records:
-        tp = TopicPartition(r.topic, r.partition)
-        if tp not in offsets or offsets[tp].offset <= r.offset:
-            offsets[tp] = OffsetAndMetadata(r.offset + 1, "")
     try:
-        await consumer.commit(offsets)
+        await consumer.commit(next_offsets(records))
     except KafkaError as exc:
         # A rebalance took the partitions: the next owner re-reads from the last
         # committed offset and re-encodes; the workers drop the duplicates.

@@ -36,9 +36,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener
 from aiokafka.errors import KafkaError
-from aiokafka.structs import ConsumerRecord, OffsetAndMetadata
+from aiokafka.structs import ConsumerRecord
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -64,6 +64,7 @@ from streaming.events import (
 )
 from streaming.settings import Settings
 from streaming.state_store import Commit, StateStore
+from streaming.topics import next_offsets
 from workers.metrics import WorkerMetrics, serve_ops
 
 log = logging.getLogger(__name__)
@@ -610,13 +611,8 @@ class Worker:
     async def _commit(self, records: Sequence[ConsumerRecord]) -> None:
         consumer = self._consumer
         assert consumer is not None
-        offsets: dict[TopicPartition, OffsetAndMetadata] = {}
-        for r in records:
-            tp = TopicPartition(r.topic, r.partition)
-            if tp not in offsets or offsets[tp].offset <= r.offset:
-                offsets[tp] = OffsetAndMetadata(r.offset + 1, "")
         try:
-            await consumer.commit(offsets)
+            await consumer.commit(next_offsets(records))
         except KafkaError as exc:
             # a rebalance took the partitions: the next owner replays from the
             # last committed offset, and the compare-and-set makes that harmless
