@@ -89,3 +89,34 @@ def test_ctrl_c_stops_everything(tmp_path: Path):
     _, alive = psutil.wait_procs(children, timeout=5)
     alive = [p for p in alive if p.status() != psutil.STATUS_ZOMBIE]
     assert not alive, [p.cmdline() for p in alive]
+
+
+def test_services_prints_its_urls_and_stops_on_ctrl_c(tmp_path: Path):
+    import socket
+
+    proc = subprocess.Popen(
+        [str(CFNESA), "services"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=tmp_path,
+    )
+    assert proc.stdout is not None
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if "Ctrl-C stops both" in line:
+            break
+    text = "".join(lines)
+    assert "Ctrl-C stops both" in text, text
+    kafka = text.split("kafka (tansu, in memory): ")[1].split()[0]
+    redis_url = text.split("CFNESA_REDIS_URL=")[1].split()[0]
+    host, port = kafka.split(":")
+    redis_port = int(redis_url.rsplit(":", 1)[1].split("/")[0])
+    for p in (int(port), redis_port):
+        socket.create_connection((host, p), timeout=2).close()  # both answer
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(15) == 0
+    for p in (int(port), redis_port):
+        with pytest.raises(OSError):
+            socket.create_connection((host, p), timeout=2).close()
