@@ -82,7 +82,12 @@ def format_event(event: EmotionEvent | AlertEvent | SummaryEvent, color: bool = 
             shift = event.shift.vs_previous
         emotion = _paint(f"{event.emotion:<9}", valence_color(event.emotion), color)
         gap = "  " + _paint("(gap)", DIM, color) if event.gap else ""
-        return f"{head} {event.speaker:<9} {emotion} {event.confidence:.2f}  shift {_p(shift)}{gap}"
+        said = ""
+        if event.text:  # transcripts travel only where the deployment enables them
+            words = event.text if len(event.text) <= 70 else event.text[:69] + "…"
+            said = "  " + _paint(f'"{words}"', DIM, color)
+        line = f"{head} {event.speaker:<9} {emotion} {event.confidence:.2f}  shift {_p(shift)}"
+        return line + gap + said
     if isinstance(event, AlertEvent):
         change = ""
         if event.from_emotion or event.to_emotion:

@@ -470,3 +470,20 @@ def test_register_adds_the_subcommands() -> None:
     assert (args.from_beginning, args.json, args.conversation) == (True, True, "c-*")
     with pytest.raises(SystemExit):
         parser.parse_args(["replay", "--calls", "0"])
+
+
+def test_tail_shows_the_transcript_when_events_carry_it():
+    event = EmotionEvent(
+        conversation_id="c1",
+        seq=0,
+        speaker="customer",
+        emotion="anger",
+        confidence=0.7,
+        probabilities={"anger": 0.7, "neutral": 0.3},
+        model="m@1",
+        text="x" * 100,
+    )
+    line = format_event(event, color=False)
+    assert line.endswith('"' + "x" * 69 + '…"')
+    bare = format_event(event.model_copy(update={"text": None}), color=False)
+    assert '"' not in bare
