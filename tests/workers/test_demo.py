@@ -92,8 +92,6 @@ def test_ctrl_c_stops_everything(tmp_path: Path):
 
 
 def test_services_prints_its_urls_and_stops_on_ctrl_c(tmp_path: Path):
-    import socket
-
     proc = subprocess.Popen(
         [str(CFNESA), "services"],
         stdout=subprocess.PIPE,
@@ -101,6 +99,17 @@ def test_services_prints_its_urls_and_stops_on_ctrl_c(tmp_path: Path):
         text=True,
         cwd=tmp_path,
     )
+    try:
+        _check_services(proc)
+    finally:  # a failed check must not leave the services running
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def _check_services(proc: subprocess.Popen[str]) -> None:
+    import socket
+
     assert proc.stdout is not None
     lines = []
     for line in proc.stdout:
