@@ -69,6 +69,17 @@ def test_ctrl_c_stops_everything(tmp_path: Path):
         text=True,
         cwd=tmp_path,
     )
+    try:
+        _interrupt_and_check(proc)
+    finally:  # a failed check must not leave the pipeline running
+        if proc.poll() is None:
+            for child in psutil.Process(proc.pid).children(recursive=True):
+                child.kill()
+            proc.kill()
+            proc.wait()
+
+
+def _interrupt_and_check(proc: subprocess.Popen[str]) -> None:
     assert proc.stdout is not None
     children: list[psutil.Process] = []
     deadline = time.monotonic() + 180
