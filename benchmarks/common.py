@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import math
 import subprocess
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -52,4 +54,13 @@ def scrape(port: int) -> dict[str, float]:
         for s in family.samples:
             labels = ",".join(f"{k}={v}" for k, v in sorted(s.labels.items()))
             out[f"{s.name}{{{labels}}}" if labels else s.name] = s.value
+    return out
+
+
+def write_result(name: str, record: dict[str, Any]) -> Path:
+    """Write ``benchmarks/results/NAME-STAMP.json`` (strict JSON) and say where."""
+    out = ROOT / "benchmarks" / "results" / f"{name}-{datetime.now(UTC):%Y%m%d-%H%M%S}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(finite(record), indent=2, allow_nan=False) + "\n")
+    print(f"written {out.relative_to(ROOT)}")
     return out

@@ -65,7 +65,7 @@ from websockets.exceptions import ConnectionClosed
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from common import finite, git, pct, scrape  # noqa: E402 (benchmarks/common.py)
+from common import git, pct, scrape, write_result  # noqa: E402 (benchmarks/common.py)
 
 from streaming.embedded import Services, free_port  # noqa: E402
 from streaming.events import EmotionEvent, dump_event, format_ts  # noqa: E402
@@ -569,11 +569,7 @@ def main() -> int:
         },
     }
     if not args.no_write:
-        stamp = f"{datetime.now(UTC):%Y%m%d-%H%M%S}"
-        out = ROOT / "benchmarks" / "results" / f"gateway-{stamp}.json"
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(finite(record), indent=2, allow_nan=False) + "\n")
-        print(f"written {out.relative_to(ROOT)}")
+        write_result("gateway", record)
     return 0
 
 

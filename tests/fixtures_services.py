@@ -13,8 +13,8 @@ Fixtures:
 - ``kafka`` / ``redis_server``: one Tansu broker and one redis-server for the whole
   session. Shared: never stop, restart or kill them; isolate each test with its own
   names (``unique``) for topics, consumer groups and Redis key prefixes.
-- ``private_kafka`` / ``private_redis``: a process of the test's own, free to stop,
-  restart or kill (about 0.1 s to start).
+- ``private_redis``: a redis-server of the test's own, free to stop, restart or kill
+  (about 0.1 s to start).
 - ``unique``: a short name unique to this test run, e.g. ``t3f9a1c2e``.
 
 - ``fast_group``: aiokafka consumer settings (``FAST_GROUP``) under which a Tansu
@@ -84,16 +84,6 @@ def redis_server() -> Iterator[EmbeddedRedis]:
         yield server.start(timeout=scale_timeout(30))
     finally:
         server.close()
-
-
-@pytest.fixture
-def private_kafka() -> Iterator[EmbeddedKafka]:
-    """A broker of this test's own (stop, restart, kill at will)."""
-    broker = EmbeddedKafka()
-    try:
-        yield broker.start(timeout=scale_timeout(30))
-    finally:
-        broker.close()
 
 
 @pytest.fixture
