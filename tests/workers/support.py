@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from fixtures_services import FAST_GROUP  # quick joins and rebalances on Tansu
 
 from model.engine import StreamingEngine, Utterance
 from streaming.events import end_event, utterance_event
@@ -24,12 +25,6 @@ from streaming.settings import Settings
 from streaming.topics import ensure_topics
 
 FEATURE_SPEC = "minilm-l6-v2"
-# quick joins and rebalances on Tansu (see tests/fixtures_services.py)
-FAST_GROUP = {
-    "session_timeout_ms": 2000,
-    "heartbeat_interval_ms": 300,
-    "rebalance_timeout_ms": 2000,
-}
 CFNESA = Path(sys.executable).parent / "cfnesa"
 
 
