@@ -54,6 +54,7 @@ from typing import IO, Any, ClassVar, Self
 __all__ = [
     "EmbeddedKafka",
     "EmbeddedRedis",
+    "EmbeddedRedisCluster",
     "EmbeddedServiceError",
     "ServiceBinaryError",
     "ServiceStartError",
@@ -180,7 +181,7 @@ class _Server:
     ) -> None:
         self.host = host
         self._port_chosen = port is None
-        self.port = free_port(host) if port is None else port
+        self.port = self._pick_port() if port is None else port
         self._binary = Path(binary) if binary is not None else None
         self._log_path = Path(log_path) if log_path is not None else None
         self._workdir: tempfile.TemporaryDirectory[str] | None = None
@@ -189,6 +190,9 @@ class _Server:
         self._command_line: list[str] = []
 
     # -- what subclasses say ------------------------------------------------------
+    def _pick_port(self) -> int:
+        return free_port(self.host)
+
     def _default_binary(self) -> Path:
         raise NotImplementedError
 
@@ -248,7 +252,7 @@ class _Server:
                         f"left running?); {self.name} was not started"
                     )
                 # A port picked by free_port() can be taken before we bind it.
-                self.port = free_port(self.host)
+                self.port = self._pick_port()
                 continue
             try:
                 self._spawn_and_wait(timeout)
@@ -561,9 +565,28 @@ class EmbeddedRedis(_Server):
 
     name = "redis"
 
-    def __init__(self, *args: Any, persistent: bool = False, **kwargs: Any) -> None:
+    def __init__(
+        self, *args: Any, persistent: bool = False, cluster_node: bool = False, **kwargs: Any
+    ) -> None:
+        self.cluster_node = cluster_node  # before super(): it picks the port
         super().__init__(*args, **kwargs)
         self.persistent = persistent
+
+    def _pick_port(self) -> int:
+        if not self.cluster_node:
+            return free_port(self.host)
+        # A cluster node also listens on its bus port, port + 10000 (redis 6 has no
+        # --cluster-port to choose another), so both must be free.
+        for _ in range(200):
+            port = free_port(self.host)
+            if port + _CLUSTER_BUS_OFFSET < 65536 and _bindable(self.host, port + _CLUSTER_BUS_OFFSET):
+                return port
+        raise ServiceStartError("no free port pair (port, port + 10000) for a cluster node")
+
+    def _port_is_free(self) -> bool:
+        if self.cluster_node and not _bindable(self.host, self.port + _CLUSTER_BUS_OFFSET):
+            return False
+        return super()._port_is_free()
 
     @property
     def url(self) -> str:
@@ -592,7 +615,18 @@ class EmbeddedRedis(_Server):
             str(workdir),
             "--daemonize",
             "no",
-        ]
+        ] + (
+            [
+                "--cluster-enabled",
+                "yes",
+                "--cluster-config-file",
+                str(workdir / "nodes.conf"),
+                "--cluster-node-timeout",
+                "2000",
+            ]
+            if self.cluster_node
+            else []
+        )
 
     def _probe(self, timeout_s: float) -> None:
         with socket.create_connection((self.host, self.port), timeout=timeout_s) as sock:
@@ -601,6 +635,130 @@ class EmbeddedRedis(_Server):
         # "-LOADING ..." while a dataset loads: not ready yet.
         if not reply.startswith(b"+PONG"):
             raise ValueError(f"PING answered {reply!r}")
+
+
+_CLUSTER_BUS_OFFSET = 10_000
+_CLUSTER_SLOTS = 16_384
+
+
+def _bindable(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+        return True
+
+
+class EmbeddedRedisCluster:
+    """A real Redis Cluster of ``masters`` redis-server nodes on loopback ports.
+
+    The nodes start in cluster mode, the 16,384 hash slots are split evenly between
+    them (no replicas), they meet each other, and :meth:`start` returns once every node
+    reports ``cluster_state:ok`` and knows all the others: the state in which a
+    cluster client (``redis.asyncio.cluster.RedisCluster``) can be pointed at any node.
+
+    Example::
+
+        with EmbeddedRedisCluster(masters=3) as cluster:
+            client = RedisCluster.from_url(cluster.url)
+
+    Data lives in memory only; :meth:`close` stops every node.
+    """
+
+    def __init__(
+        self,
+        masters: int = 3,
+        host: str = LOOPBACK,
+        log_dir: str | os.PathLike[str] | None = None,
+    ) -> None:
+        if masters < 1:
+            raise ValueError(f"a cluster needs at least one master, got {masters}")
+        log = Path(log_dir) if log_dir is not None else None
+        self.host = host
+        self.nodes = [
+            EmbeddedRedis(
+                host=host,
+                cluster_node=True,
+                log_path=log / f"redis-{i}.log" if log else None,
+            )
+            for i in range(masters)
+        ]
+
+    @property
+    def url(self) -> str:
+        """The first node's URL; a cluster client discovers the others from it."""
+        return f"redis://{self.host}:{self.nodes[0].port}"
+
+    @property
+    def urls(self) -> list[str]:
+        return [f"redis://{self.host}:{n.port}" for n in self.nodes]
+
+    @property
+    def running(self) -> bool:
+        return all(n.running for n in self.nodes)
+
+    def start(self, timeout: float = 30) -> Self:
+        """Start the nodes, assign the slots, join them; wait for ``cluster_state:ok``."""
+        try:
+            for node in self.nodes:
+                node.start(timeout)
+            self._form(timeout)
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def _form(self, timeout: float) -> None:
+        import redis  # the sync client; only the cluster set-up needs it
+
+        clients = [redis.Redis(host=self.host, port=n.port) for n in self.nodes]
+        try:
+            n = len(self.nodes)
+            for i, client in enumerate(clients):
+                lo, hi = i * _CLUSTER_SLOTS // n, (i + 1) * _CLUSTER_SLOTS // n
+                client.execute_command("CLUSTER ADDSLOTS", *range(lo, hi))
+            for node in self.nodes[1:]:
+                clients[0].execute_command("CLUSTER MEET", self.host, node.port)
+            deadline = time.monotonic() + timeout
+            while True:
+                # redis-py parses CLUSTER INFO into a dict of strings
+                infos = [c.execute_command("CLUSTER INFO") for c in clients]
+                if all(
+                    i.get("cluster_state") == "ok" and int(i.get("cluster_known_nodes", 0)) == n
+                    for i in infos
+                ):
+                    return
+                if time.monotonic() > deadline:
+                    raise ServiceStartError(
+                        f"the {n}-node Redis Cluster did not reach cluster_state:ok in "
+                        f"{timeout:.0f} s: {infos[0]}"
+                    )
+                time.sleep(0.05)
+        finally:
+            for client in clients:
+                client.close()
+
+    def close(self) -> None:
+        """Stop every node and remove their folders."""
+        for node in reversed(self.nodes):
+            with contextlib.suppress(Exception):
+                node.close()
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<EmbeddedRedisCluster {', '.join(str(n.port) for n in self.nodes)}>"
 
 
 # -- both -----------------------------------------------------------------------------

@@ -17,6 +17,7 @@ This module stores bytes; what they mean is the worker's business.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -88,6 +89,9 @@ class CommitResult:
     current_seq: int | None
 
 
+_CLUSTER_CONCURRENCY = 64  # scripts in flight at once on a Redis Cluster
+
+
 class StateStore:
     """Async access to conversation state; works with Redis and Redis Cluster clients."""
 
@@ -100,6 +104,9 @@ class StateStore:
             raise ValueError(f"the key prefix {prefix!r} must not contain braces (hash tags)")
         self.recent_events = recent_events
         self._commit = client.register_script(_COMMIT)
+        from redis.asyncio.cluster import RedisCluster
+
+        self._cluster = isinstance(client, RedisCluster)
 
     @classmethod
     def connect(
@@ -152,33 +159,60 @@ class StateStore:
         return dict(zip(ids, rows, strict=True))
 
     async def commit(self, commits: Sequence[Commit]) -> list[CommitResult]:
-        """Apply the writes, each atomically and independently, in one round trip."""
+        """Apply the writes, each atomically and independently, in one round trip (on a
+        cluster: concurrent round trips, one per write)."""
         if not commits:
             return []
-        async with self.client.pipeline(transaction=False) as pipe:
-            for c in commits:
-                args: list[Any] = [
-                    "" if c.expected_seq is None else str(c.expected_seq),
-                    str(c.new_seq),
-                    str(c.ttl_s),
-                    str(self.recent_events),
-                    "replace" if c.replace else "update",
-                    str(len(c.fields)),
-                ]
-                for k, v in c.fields.items():
-                    args += [k, v]
-                args += list(c.events)
-                await self._commit(
-                    keys=[self.state_key(c.conversation_id), self.events_key(c.conversation_id)],
-                    args=args,
-                    client=pipe,
-                )
-            rows = await pipe.execute()
+        if self._cluster:
+            # redis-py's cluster pipeline refuses scripts; each EVALSHA goes to the node
+            # owning its call's hash tag, up to _CLUSTER_CONCURRENCY at a time. Several
+            # writes of one conversation go in successive waves, so they keep their order.
+            waves: list[list[int]] = []
+            seen: dict[str, int] = {}
+            for i, c in enumerate(commits):
+                n = seen[c.conversation_id] = seen.get(c.conversation_id, -1) + 1
+                if n == len(waves):
+                    waves.append([])
+                waves[n].append(i)
+            rows = [None] * len(commits)
+            for wave in waves:
+                for at in range(0, len(wave), _CLUSTER_CONCURRENCY):
+                    part = wave[at : at + _CLUSTER_CONCURRENCY]
+                    got = await asyncio.gather(
+                        *(
+                            self._commit(keys=self._keys(commits[i]), args=self._args(commits[i]))
+                            for i in part
+                        )
+                    )
+                    for i, row in zip(part, got, strict=True):
+                        rows[i] = row
+        else:
+            async with self.client.pipeline(transaction=False) as pipe:
+                for c in commits:
+                    await self._commit(keys=self._keys(c), args=self._args(c), client=pipe)
+                rows = await pipe.execute()
         out = []
         for ok, cur in rows:
             cur = cur.decode() if isinstance(cur, bytes) else str(cur)
             out.append(CommitResult(ok=bool(ok), current_seq=int(cur) if cur else None))
         return out
+
+    def _keys(self, c: Commit) -> list[str]:
+        return [self.state_key(c.conversation_id), self.events_key(c.conversation_id)]
+
+    def _args(self, c: Commit) -> list[Any]:
+        args: list[Any] = [
+            "" if c.expected_seq is None else str(c.expected_seq),
+            str(c.new_seq),
+            str(c.ttl_s),
+            str(self.recent_events),
+            "replace" if c.replace else "update",
+            str(len(c.fields)),
+        ]
+        for k, v in c.fields.items():
+            args += [k, v]
+        args += list(c.events)
+        return args
 
     async def delete(self, conversation_id: str) -> None:
         await self.client.delete(self.state_key(conversation_id), self.events_key(conversation_id))

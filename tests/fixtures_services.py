@@ -13,6 +13,8 @@ Fixtures:
 - ``kafka`` / ``redis_server``: one Tansu broker and one redis-server for the whole
   session. Shared: never stop, restart or kill them; isolate each test with its own
   names (``unique``) for topics, consumer groups and Redis key prefixes.
+- ``redis_cluster``: a real 3-master Redis Cluster (redis-server in cluster mode,
+  slots assigned) for the whole session; shared like ``redis_server``.
 - ``private_redis``: a redis-server of the test's own, free to stop, restart or kill
   (about 0.1 s to start).
 - ``unique``: a short name unique to this test run, e.g. ``t3f9a1c2e``.
@@ -35,7 +37,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from streaming.embedded import EmbeddedKafka, EmbeddedRedis
+from streaming.embedded import EmbeddedKafka, EmbeddedRedis, EmbeddedRedisCluster
 
 TIMEOUT_FACTOR = float(os.environ.get("CFNESA_TEST_TIMEOUT_FACTOR", "1"))
 
@@ -84,6 +86,16 @@ def redis_server() -> Iterator[EmbeddedRedis]:
         yield server.start(timeout=scale_timeout(30))
     finally:
         server.close()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster() -> Iterator[EmbeddedRedisCluster]:
+    """The session's shared 3-master Redis Cluster: use your own key prefix."""
+    cluster = EmbeddedRedisCluster(masters=3)
+    try:
+        yield cluster.start(timeout=scale_timeout(30))
+    finally:
+        cluster.close()
 
 
 @pytest.fixture

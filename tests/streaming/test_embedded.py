@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import redis
 import redis.asyncio as aioredis
 import redis.exceptions
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
@@ -21,6 +22,7 @@ from aiokafka.admin import AIOKafkaAdminClient
 from streaming.embedded import (
     EmbeddedKafka,
     EmbeddedRedis,
+    EmbeddedRedisCluster,
     Services,
     ServiceStartError,
     free_port,
@@ -154,6 +156,26 @@ async def test_redis_set_get(redis_server: EmbeddedRedis, unique: str):
         assert await client.get(f"{{{unique}}}:k") == b"v"
     finally:
         await client.aclose()
+
+
+def test_a_redis_cluster_forms_and_stops(scaled: Scale):
+    cluster = EmbeddedRedisCluster(masters=3).start(timeout=scaled(30))
+    pids = [node.pid for node in cluster.nodes]
+    try:
+        client = redis.Redis.from_url(cluster.url)
+        slots = client.execute_command("CLUSTER SLOTS")  # [[first, last, [host, port, id]]]
+        client.close()
+        owners = sorted(port for _, _, (_, port, _) in slots)
+        assert owners == sorted(node.port for node in cluster.nodes)
+        covered = sum(last - first + 1 for first, last, _ in slots)
+        assert covered == 16384  # every slot has an owner: cluster_state:ok
+    finally:
+        cluster.close()
+    assert not cluster.running
+    for pid in pids:
+        assert pid is not None
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
 
 
 async def test_broker_restart_on_the_same_port(scaled: Scale, fast_group: dict[str, int]):

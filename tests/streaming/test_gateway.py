@@ -19,7 +19,7 @@ from aiokafka import AIOKafkaProducer
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from streaming.embedded import EmbeddedKafka, EmbeddedRedis
+from streaming.embedded import EmbeddedKafka, EmbeddedRedis, EmbeddedRedisCluster
 from streaming.events import AlertEvent, EmotionEvent, dump_event
 from streaming.gateway import CLOSE_TOKEN_EXPIRED, CLOSE_TOO_SLOW, TokenSigner, serve_gateway
 from streaming.gateway.routes import STATIC_DIR
@@ -583,3 +583,36 @@ def test_token_command_mints_what_the_gateway_accepts(capsys: pytest.CaptureFixt
     assert args.func(args) == 2  # grants nothing: refused
     args = parser.parse_args(["token", "--tenant", "a b", "--all", "--secret", SECRET])
     assert args.func(args) == 2
+
+
+async def test_snapshot_from_a_redis_cluster(
+    gateway: GatewayFactory, redis_cluster: EmbeddedRedisCluster, unique: str
+):
+    """The same gateway, configured for Redis Cluster, reads snapshots across nodes."""
+    cids = [f"call-c{i}" for i in range(6)]  # hash tags spread over the three masters
+    store = StateStore.connect(redis_cluster.url, cluster=True, prefix=unique)
+    try:
+        for cid in cids:
+            events = [emotion(cid, seq, "acme") for seq in range(3)]
+            (result,) = await store.commit([Commit(cid, None, 2, {}, events)])
+            assert result.ok
+        slots = {store.client.keyslot(store.events_key(cid)) for cid in cids}
+        owners = {store.client.get_node_from_key(store.events_key(c)).port for c in cids}
+    finally:
+        await store.close()
+    assert len(slots) == len(cids) and len(owners) >= 2, owners
+
+    async with (
+        gateway(redis_url=redis_cluster.url, redis_cluster=True) as gw,
+        connect(gw.url(gw.token("acme", ("call-c*",)))) as ws,
+    ):
+        assert (await request(ws, op="subscribe", conversations=cids))["type"] == "subscribed"
+        snapshots = {}
+        for _ in cids:
+            msg = await recv(ws)
+            assert msg["type"] == "snapshot"
+            snapshots[msg["conversation_id"]] = [e["seq"] for e in msg["events"]]
+        assert snapshots == {cid: [0, 1, 2] for cid in cids}
+        await gw.produce([emotion(cids[0], 3, "acme")])
+        live = await recv(ws)
+        assert (live["conversation_id"], live["seq"]) == (cids[0], 3)

@@ -9,27 +9,31 @@ from collections.abc import AsyncIterator, Callable
 import pytest
 from redis.crc import key_slot
 
-from streaming.embedded import EmbeddedRedis
 from streaming.state_store import Commit, CommitResult, StateStore, Stored
 
 MakeStore = Callable[..., StateStore]
 
 
-@pytest.fixture
-async def make_store(redis_server: EmbeddedRedis, unique: str) -> AsyncIterator[MakeStore]:
-    """Stores on the shared server under this test's own key prefix; closed at the end."""
+@pytest.fixture(params=["redis", "cluster"])
+async def make_store(request: pytest.FixtureRequest, unique: str) -> AsyncIterator[MakeStore]:
+    """Stores under this test's own key prefix, on the shared redis-server and on the
+    shared 3-master Redis Cluster (the same script, routed by hash tag); closed at the end."""
     stores: list[StateStore] = []
+    cluster = request.param == "cluster"
+    server = request.getfixturevalue("redis_cluster" if cluster else "redis_server")
 
     def make(*, recent_events: int = 4) -> StateStore:
-        store = StateStore.connect(redis_server.url, prefix=unique, recent_events=recent_events)
+        store = StateStore.connect(
+            server.url, cluster=cluster, prefix=unique, recent_events=recent_events
+        )
         stores.append(store)
         return store
 
     yield make
     if stores:
         keys = [k async for k in stores[0].client.scan_iter(match=f"{unique}:*")]
-        if keys:
-            await stores[0].client.delete(*keys)
+        for key in keys:
+            await stores[0].client.delete(key)
     for store in stores:
         await store.close()
 
@@ -250,8 +254,8 @@ async def test_delete_removes_both_keys(store: StateStore):
     await store.delete("never-existed")
 
 
-async def test_prefixes_isolate_stores(redis_server: EmbeddedRedis, store: StateStore, unique):
-    other = StateStore.connect(redis_server.url, prefix=f"{unique}x")
+async def test_prefixes_isolate_stores(store: StateStore, unique):
+    other = StateStore(store.client, prefix=f"{unique}x")  # the same server, another prefix
     try:
         await store.commit([Commit("c1", None, 0, {"m": b"mine"})])
         assert (await other.load(["c1"]))["c1"] == Stored(None, {})
@@ -259,9 +263,8 @@ async def test_prefixes_isolate_stores(redis_server: EmbeddedRedis, store: State
             CommitResult(True, 0)
         ]
         assert (await store.load(["c1"]))["c1"] == Stored(0, {"m": b"mine"})
-        await other.delete("c1")
     finally:
-        await other.close()
+        await other.delete("c1")
 
 
 async def test_ping(store: StateStore):

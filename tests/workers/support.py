@@ -11,7 +11,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +23,7 @@ from model.engine import StreamingEngine, Utterance
 from streaming.events import end_event, utterance_event
 from streaming.settings import Settings
 from streaming.topics import ensure_topics
+from workers.worker import Worker
 
 FEATURE_SPEC = "minilm-l6-v2"
 CFNESA = Path(sys.executable).parent / "cfnesa"
@@ -84,12 +85,14 @@ class Pipeline:
     bootstrap: str
     redis_url: str
     tag: str
+    redis_cluster: bool = False
 
     @property
     def settings(self) -> Settings:
         return Settings(
             kafka_bootstrap=self.bootstrap,
             redis_url=self.redis_url,
+            redis_cluster=self.redis_cluster,
             input_topic=f"{self.tag}-features",
             output_topic=f"{self.tag}-events",
             dlq_topic=f"{self.tag}-features.dlq",
@@ -109,6 +112,7 @@ class Pipeline:
             **os.environ,
             "CFNESA_KAFKA_BOOTSTRAP": s.kafka_bootstrap,
             "CFNESA_REDIS_URL": s.redis_url,
+            "CFNESA_REDIS_CLUSTER": str(s.redis_cluster).lower(),
             "CFNESA_INPUT_TOPIC": s.input_topic,
             "CFNESA_OUTPUT_TOPIC": s.output_topic,
             "CFNESA_DLQ_TOPIC": s.dlq_topic,
@@ -132,8 +136,23 @@ class Pipeline:
         )
 
 
-def new_pipeline(bootstrap: str, redis_url: str) -> Pipeline:
-    return Pipeline(bootstrap, redis_url, f"t{uuid.uuid4().hex[:8]}")
+def new_pipeline(bootstrap: str, redis_url: str, *, redis_cluster: bool = False) -> Pipeline:
+    return Pipeline(bootstrap, redis_url, f"t{uuid.uuid4().hex[:8]}", redis_cluster)
+
+
+@contextlib.asynccontextmanager
+async def running(settings: Settings, engine: StreamingEngine) -> AsyncIterator[Worker]:
+    """An in-process worker on these settings until the block ends."""
+    worker = Worker(settings, engine=engine)
+    stop = asyncio.Event()
+    await worker.start()
+    task = asyncio.create_task(worker.run(stop))
+    try:
+        yield worker
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 30)
+        await worker.close()
 
 
 async def produce(bootstrap: str, topic: str, messages: Iterable[tuple[str | None, bytes]]) -> None:

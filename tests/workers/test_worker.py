@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import json
 import urllib.request
-from collections.abc import AsyncIterator
 
 import numpy as np
 import pytest
@@ -21,28 +19,12 @@ from support import (
     interleave,
     make_calls,
     produce,
+    running,
 )
 
-from model.engine import StreamingEngine
 from streaming.events import end_event, utterance_event
-from streaming.settings import Settings
-from workers.worker import Worker
 
 pytestmark = pytest.mark.slow
-
-
-@contextlib.asynccontextmanager
-async def running(settings: Settings, engine: StreamingEngine) -> AsyncIterator[Worker]:
-    worker = Worker(settings, engine=engine)
-    stop = asyncio.Event()
-    await worker.start()
-    task = asyncio.create_task(worker.run(stop))
-    try:
-        yield worker
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, 30)
-        await worker.close()
 
 
 async def test_streamed_events_equal_the_whole_dialogue_forward(pipeline: Pipeline, engine):
