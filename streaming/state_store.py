@@ -163,6 +163,7 @@ class StateStore:
         cluster: concurrent round trips, one per write)."""
         if not commits:
             return []
+        rows: list[Any]
         if self._cluster:
             # redis-py's cluster pipeline refuses scripts; each EVALSHA goes to the node
             # owning its call's hash tag, up to _CLUSTER_CONCURRENCY at a time. Several
