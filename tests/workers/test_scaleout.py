@@ -57,6 +57,12 @@ def _assignments(log: Path) -> list[str]:
     ]
 
 
+def _held(*logs: Path) -> list[int]:
+    """The partitions these workers hold now (their latest assignments), sorted."""
+    latest = [(_assignments(log) or ["[]"])[-1] for log in logs]
+    return sorted(int(p) for a in latest for p in a.strip("[]").split(",") if p.strip())
+
+
 async def _stored_seqs(pipe: Pipeline, cids: list[str]) -> dict[str, int]:
     store = StateStore.connect(pipe.redis_url, cluster=pipe.redis_cluster, prefix=pipe.tag)
     try:
@@ -147,6 +153,8 @@ async def test_three_workers_on_twelve_partitions_then_a_fourth_joins_and_one_di
             procs[1].wait()
             await produce(s.kafka_bootstrap, s.input_topic, thirds[2])
             await out.wait(done(total), 180)
+            # the survivors' latest assignments settle on all 12 partitions, each once
+            await out.wait(lambda c: _held(logs[0], logs[2], logs[3]) == list(range(12)), 60)
     finally:
         codes = []
         for i, proc in enumerate(procs):
@@ -161,10 +169,6 @@ async def test_three_workers_on_twelve_partitions_then_a_fourth_joins_and_one_di
     text = "\n".join(log.read_text() for log in logs)
     assert codes == [0, 0, 0], text[-3000:]
     assert _assignments(logs[3]), "the fourth worker never got a partition"
-    # the survivors ended up holding all 12 partitions between them
-    final = [_assignments(logs[i])[-1] for i in (0, 2, 3)]
-    held = sorted(int(p) for f in final for p in f.strip("[]").split(",") if p.strip())
-    assert held == list(range(12)), final
     emotions = out.of(s.output_topic, "emotion")
     check_outputs(engine, calls, emotions)  # complete, exact repeats only, ordered, exact
     seqs = await _stored_seqs(pipe, [c.cid for c in calls])
