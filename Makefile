@@ -34,10 +34,11 @@ demo: $(STAMP) ## the whole pipeline on embedded Kafka + Redis: live emotions an
 	$(VENV)/bin/cfnesa demo
 
 .PHONY: bench
-bench: $(STAMP) ## run the benchmarks (~8 min; figures printed and written to benchmarks/results/)
+bench: $(STAMP) ## run the benchmarks (~11 min; figures printed and written to benchmarks/results/)
 	$(PY) benchmarks/model_step.py
 	$(PY) benchmarks/pipeline.py
 	$(PY) benchmarks/gateway.py
+	$(PY) benchmarks/scaleout.py
 
 .PHONY: lint
 lint: $(STAMP) ## ruff (format check + lint) and mypy
