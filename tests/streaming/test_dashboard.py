@@ -16,6 +16,8 @@ import contextlib
 import json
 import os
 import shutil
+import signal
+import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from datetime import UTC, datetime, timedelta
@@ -619,3 +621,79 @@ async def test_dashboard_explains_tokens_it_cannot_use(
         await publisher.publish([emotion("call-x1", 0, "agent", "anger")])
         await page.wait_for("__cfnesa.calls.has('call-x1')", scaled(10))
         assert await page.evaluate("[...__cfnesa.calls.keys()]") == ["call-x1"]
+
+
+DEMO_LINES = [
+    ("agent", "Good morning, you are through to billing, how can I help?"),
+    ("customer", "I was charged twice this month and nobody answers my emails."),
+    ("agent", "I am sorry about that, let me look at your account."),
+    ("customer", "This is ridiculous, I have been waiting for two weeks!"),
+    ("agent", "I can see the double charge; I am refunding it now."),
+    ("customer", "Oh, thank you, that is a relief."),
+]
+
+
+async def test_the_demo_moves_the_dashboard(
+    chromium: Chromium, tmp_path: Path, scaled: Callable[[float], float]
+) -> None:
+    """`cfnesa demo` as a newcomer runs it: open the URL it prints and watch calls
+    appear and their timelines grow while the replay goes on; open one call."""
+    data = tmp_path / "calls.jsonl"
+    with data.open("w") as fh:
+        for i in range(3):
+            utterances = [{"speaker": s, "text": t, "emotion": "neutral"} for s, t in DEMO_LINES]
+            fh.write(
+                json.dumps({"dialogue_id": f"d{i}", "split": "test", "utterances": utterances})
+            )
+            fh.write("\n")
+    cfnesa = Path(sys.executable).parent / "cfnesa"
+    demo = await asyncio.create_subprocess_exec(
+        str(cfnesa), "demo", "--data", str(data), "--calls", "3", "--rate", "1.5",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, cwd=tmp_path,
+    )  # fmt: skip
+    assert demo.stdout is not None
+    seen: list[str] = []
+    try:
+        url = None
+        while url is None:
+            line = (await asyncio.wait_for(demo.stdout.readline(), scaled(120))).decode()
+            assert line, "the demo ended before printing the dashboard URL:\n" + "".join(seen)
+            seen.append(line)
+            if "dashboard: http://127.0.0.1:" in line:
+                url = line.split("dashboard: ", 1)[1].strip()
+
+        async def drain() -> None:  # keep reading so the demo never blocks on its pipe
+            while line := await demo.stdout.readline():
+                seen.append(line.decode())
+
+        reader = asyncio.create_task(drain())
+        async with Page.open(chromium.ws_url) as page:
+            await open_dashboard(page, url, scaled(15))
+            cells = "document.querySelectorAll('li.call .c-timeline .cell').length"
+            await page.wait_for(f"{cells} >= 2", scaled(90))
+            first = await page.evaluate(cells)
+            await page.wait_for(f"{cells} > {first} + 2", scaled(30))  # it moves
+            rows = await page.evaluate(ROWS_JS)
+            assert 1 <= len(rows) <= 3 and all(r["id"].startswith("call-") for r in rows), rows
+            speakers = {chip.split(": ")[0] for r in rows for chip in r["chips"]}
+            assert speakers and speakers <= {"agent", "customer"}, rows
+            await page.click(f'li.call[data-id="{rows[0]["id"]}"]')
+            await page.wait_for(
+                "!document.getElementById('detail').hidden && "
+                "document.querySelectorAll('#detail-utterances li.utt').length > 0",
+                scaled(10),
+            )
+            texts = await page.evaluate(
+                "[...document.querySelectorAll('#detail-utterances .u-text')]"
+                ".map((e) => e.textContent)"
+            )
+            assert set(texts) <= {t for _, t in DEMO_LINES}, texts  # the demo enables text
+            assert not [c for c in page.console if c.startswith("exception")], page.console
+            shot = await page.screenshot(tmp_path / "demo-dashboard.png")
+            assert shot.stat().st_size > 10_000
+    finally:
+        if demo.returncode is None:
+            demo.send_signal(signal.SIGINT)
+        code = await asyncio.wait_for(demo.wait(), scaled(30))
+    await reader
+    assert code in (0, 130), "".join(seen)[-3000:]
