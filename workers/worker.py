@@ -39,6 +39,15 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener
 from aiokafka.errors import KafkaError
 from aiokafka.structs import ConsumerRecord
+from redis.exceptions import (
+    ClusterDownError,
+    OutOfMemoryError,
+    ReadOnlyError,
+    RedisError,
+    ResponseError,
+    SlotNotCoveredError,
+    TryAgainError,
+)
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -73,7 +82,34 @@ APP = "app"  # the call tracker (alerts, summary figures), JSON
 ENDED = "ended"  # present once the call ended: the end event's seq
 SUMMARY = "summary"  # the summary event of an ended call, JSON
 
-_REDIS_DOWN = (RedisConnectionError, RedisTimeoutError, OSError)
+# Redis errors that pass: the server unreachable or slow, a replica promoted (READONLY
+# until clients follow), a cluster failing over or resharding (CLUSTERDOWN, TRYAGAIN,
+# a slot with no owner yet), the server out of memory (OOM under noeviction), a
+# dataset loading. The worker pauses and retries them with backoff instead of exiting
+# into a restart loop. Inside a Lua script or a pipeline redis-py reports them as a
+# plain ResponseError carrying the server's error code, hence the codes.
+_REDIS_DOWN = (
+    RedisConnectionError,
+    RedisTimeoutError,
+    OSError,
+    ReadOnlyError,
+    ClusterDownError,
+    TryAgainError,
+    OutOfMemoryError,
+    SlotNotCoveredError,
+)
+_REDIS_TRANSIENT_CODES = ("OOM", "READONLY", "CLUSTERDOWN", "TRYAGAIN", "MASTERDOWN", "LOADING")
+
+
+def _redis_transient(exc: BaseException) -> bool:
+    if isinstance(exc, _REDIS_DOWN):
+        return True
+    if isinstance(exc, ResponseError):
+        text = str(exc)
+        return any(
+            text.startswith(f"{code} ") or f"-{code} " in text for code in _REDIS_TRANSIENT_CODES
+        )
+    return False
 
 
 class FaultPlan:
@@ -654,7 +690,9 @@ class Worker:
             try:
                 await fn()
                 return True
-            except (KafkaError, *_REDIS_DOWN) as exc:
+            except (KafkaError, RedisError, OSError) as exc:
+                if not isinstance(exc, KafkaError) and not _redis_transient(exc):
+                    raise
                 self.metrics.outages.labels(service).inc()
                 log.warning("%s unavailable (%s); retrying in %.1fs", service, exc, delay)
                 with contextlib.suppress(TimeoutError):
@@ -675,7 +713,9 @@ class Worker:
                 await fn(records)
                 self._outage = None
                 return True
-            except _REDIS_DOWN as exc:
+            except (RedisError, OSError) as exc:
+                if not _redis_transient(exc):
+                    raise
                 service, err = "redis", exc
             except KafkaError as exc:
                 service, err = "kafka", exc

@@ -28,6 +28,7 @@ from support import (
     make_calls,
     new_pipeline,
     produce,
+    running,
     start_worker_process,
 )
 
@@ -164,6 +165,40 @@ async def test_redis_down_and_back(kafka: EmbeddedKafka, engine, tmp_path: Path)
         _same_ids_same_content(out.of(s.output_topic))
         check_outputs(engine, calls, out.of(s.output_topic, "emotion"))
         await _check_states(pipe, engine, calls)
+
+
+async def test_redis_out_of_memory_pauses_then_resumes(
+    kafka: EmbeddedKafka, private_redis: EmbeddedRedis, engine
+):
+    """Redis refuses writes (OOM under maxmemory with noeviction, as a full production
+    Redis does): the worker pauses with backoff instead of dying, resumes once memory
+    is freed, and nothing is lost or applied twice."""
+    pipe = new_pipeline(kafka.bootstrap, private_redis.url)
+    await pipe.create_topics()
+    s = pipe.settings
+    calls = make_calls(4, (10, 16), seed=15)
+    first, second = interleave(calls[:2], end=False), interleave(calls[2:], end=False)
+    total = sum(len(c.vectors) for c in calls)
+    admin = aioredis.from_url(private_redis.url)
+    try:
+        async with Collector(s.kafka_bootstrap, s.output_topic) as out, running(s, engine) as w:
+            await produce(s.kafka_bootstrap, s.input_topic, first)
+            await out.wait(lambda c: len(emotion_ids(c, s.output_topic)) == len(first))
+            used = int((await admin.info("memory"))["used_memory"])
+            await admin.config_set("maxmemory-policy", "noeviction")
+            await admin.config_set("maxmemory", str(used))  # full: every write is refused
+            await produce(s.kafka_bootstrap, s.input_topic, second)
+            await out.wait(lambda c: w.health()[1]["outage"] == "redis", timeout=30)
+            await asyncio.sleep(1)
+            assert len(emotion_ids(out, s.output_topic)) == len(first)  # paused, not dropped
+            await admin.config_set("maxmemory", "0")
+            await out.wait(lambda c: len(emotion_ids(c, s.output_topic)) == total, timeout=60)
+            assert w.health()[1]["outage"] is None
+    finally:
+        await admin.aclose()
+    _same_ids_same_content(out.of(s.output_topic))
+    check_outputs(engine, calls, out.of(s.output_topic, "emotion"))
+    await _check_states(pipe, engine, calls)
 
 
 def emotion_ids(c: Collector, topic: str) -> set[str]:

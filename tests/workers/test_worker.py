@@ -292,3 +292,25 @@ async def test_a_state_of_another_model_is_reset_loudly(pipeline, engine, caplog
     (fresh,) = engine.run_dialogue([Utterance(call.speakers[3], text=call.vectors[3])])
     got = [event["probabilities"][n] for n in engine.label_names]
     assert np.allclose(got, fresh.probabilities, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("error", "transient"),
+    [
+        ("READONLY You can't write against a read only replica.", True),
+        ("CLUSTERDOWN The cluster is down", True),
+        ("TRYAGAIN Multiple keys request during rehashing of slot", True),
+        ("LOADING Redis is loading the dataset in memory", True),
+        ("Error running script (call to f_1): @user_script:12: -OOM command not allowed", True),
+        ("WRONGTYPE Operation against a key holding the wrong kind of value", False),
+        ("NOSCRIPT No matching script.", False),
+        ("ERR unknown command 'FOO'", False),
+    ],
+)
+def test_which_redis_errors_pause_the_worker(error: str, transient: bool):
+    """Outages pause the worker with backoff; a programming error still stops it."""
+    from redis.exceptions import ResponseError
+
+    from workers.worker import _redis_transient
+
+    assert _redis_transient(ResponseError(error)) is transient
