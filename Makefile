@@ -40,6 +40,11 @@ bench: $(STAMP) ## run the benchmarks (~11 min; figures printed and written to b
 	$(PY) benchmarks/gateway.py
 	$(PY) benchmarks/scaleout.py
 
+.PHONY: contract
+contract: $(STAMP) ## check that docs/schemas and docs/asyncapi.yaml match the code
+	$(PY) -m streaming.schemas --check
+	$(PY) -m streaming.asyncapi --check
+
 .PHONY: lint
 lint: $(STAMP) ## ruff (format check + lint) and mypy
 	$(VENV)/bin/ruff format --check .
