@@ -30,7 +30,45 @@ from model.data import (
 from model.errors import DataError, InputError
 
 FEATURE_SPEC_MINILM = "minilm-l6-v2"
-"""Feature spec of MiniLM text features: carried by events, recorded in checkpoints."""
+"""Feature spec of plain MiniLM text features: carried by events, recorded in checkpoints.
+Features of a fine-tuned adapter carry ``minilm-l6-v2+lora-<fingerprint>`` instead."""
+
+DEFAULT_ADAPTER = Path(__file__).resolve().parent / "adapters" / "minilm-meld-lora"
+"""The shipped emotion adapter (model/finetune.py); the default of every text encoder."""
+
+
+class _Default:
+    def __repr__(self) -> str:
+        return "DEFAULT"
+
+
+DEFAULT = _Default()
+"""``adapter=DEFAULT``: the shipped adapter when it is installed, else plain MiniLM."""
+
+
+def resolve_adapter(adapter: str | os.PathLike[str] | _Default | None) -> Path | None:
+    """The adapter folder an encoder setting means (None: the plain encoder).
+
+    Raises:
+        InputError: A named adapter folder has no adapter in it.
+    """
+    if isinstance(adapter, _Default):
+        return DEFAULT_ADAPTER if (DEFAULT_ADAPTER / "adapter_config.json").is_file() else None
+    if adapter is None or str(adapter) in ("", "none"):
+        return None
+    path = Path(adapter)
+    if not (path / "adapter_config.json").is_file():
+        raise InputError(f"{path} is not an encoder adapter (no adapter_config.json)")
+    return path
+
+
+def default_feature_spec() -> str:
+    """The feature spec of the default encoder (the shipped adapter's, or plain MiniLM's)."""
+    from model.finetune import feature_spec_for
+
+    path = resolve_adapter(DEFAULT)
+    return FEATURE_SPEC_MINILM if path is None else feature_spec_for(path)
+
 
 MINILM_DIM = 384
 MAX_LENGTH_TOKENS = 128
@@ -84,9 +122,21 @@ class TextEncoder:
         threads: torch intra-op threads; None leaves torch's setting alone.
             Note that torch's thread count is process-wide.
         device: torch device for the model ("cpu", "cuda", ...).
+        adapter: a LoRA adapter folder (``cfnesa finetune-encoder``), merged into the
+            weights at load (no cost per sentence); ``DEFAULT``: the shipped one when
+            installed; None: plain MiniLM.
+        quantize: dynamic int8 quantization of the linear layers (CPU; faster, and
+            the features move by about 1e-2: a model must be evaluated on them).
     """
 
-    def __init__(self, batch_size: int = 64, threads: int | None = None, device: str = "cpu"):
+    def __init__(
+        self,
+        batch_size: int = 64,
+        threads: int | None = None,
+        device: str = "cpu",
+        adapter: str | os.PathLike[str] | _Default | None = DEFAULT,
+        quantize: bool = False,
+    ):
         if batch_size < 1:
             raise InputError(f"batch_size must be >= 1, got {batch_size}")
         if threads is not None:
@@ -112,6 +162,20 @@ class TextEncoder:
         finally:
             if bar_was_on:
                 hf_logging.enable_progress_bar()
+        self.adapter = resolve_adapter(adapter)
+        self._spec = FEATURE_SPEC_MINILM
+        if self.adapter is not None:
+            from peft import PeftModel
+
+            from model.finetune import feature_spec_for
+
+            self._model = PeftModel.from_pretrained(self._model, self.adapter).merge_and_unload()
+            self._spec = feature_spec_for(self.adapter)
+        if quantize:
+            self._model = torch.ao.quantization.quantize_dynamic(
+                self._model, {torch.nn.Linear}, dtype=torch.qint8
+            )
+            self._spec += "+int8"
         self._model.eval().to(self.device)
         self._dim = int(self._model.config.hidden_size)
         self._pad_id = int(self._tokenizer.pad_token_id or 0)
@@ -123,8 +187,9 @@ class TextEncoder:
 
     @property
     def feature_spec(self) -> str:
-        """The spec string these features carry: :data:`FEATURE_SPEC_MINILM`."""
-        return FEATURE_SPEC_MINILM
+        """The spec string these features carry: :data:`FEATURE_SPEC_MINILM`, or
+        ``minilm-l6-v2+lora-<fingerprint>`` with an adapter (``+int8`` if quantized)."""
+        return self._spec
 
     def encode(self, texts: Sequence[str], progress: bool = False) -> np.ndarray:
         """Encode texts into sentence vectors.
@@ -207,6 +272,7 @@ def encode_transcripts(
     label_field: str = "emotion",
     encoder: SentenceEncoder | None = None,
     progress: bool = True,
+    adapter: str | os.PathLike[str] | _Default | None = DEFAULT,
 ) -> FeatureSet:
     """Text features for every utterance of a transcript file, cached.
 
@@ -221,6 +287,8 @@ def encode_transcripts(
         out_path: Where to cache the set; default as above.
         label_field: Utterance field holding the labels.
         encoder: An encoder to reuse; one is built (seconds) only on a cache miss.
+        adapter: Which encoder to build when ``encoder`` is None (see
+            :class:`TextEncoder`): the shipped adapter by default, None for plain MiniLM.
         progress: Show a progress bar while encoding.
 
     Returns:
@@ -235,7 +303,13 @@ def encode_transcripts(
         sha12 = _file_sha256(source)[:12]
     except OSError as exc:
         raise DataError(f"{source}: cannot read transcripts: {exc}") from exc
-    spec = FEATURE_SPEC_MINILM if encoder is None else encoder.feature_spec
+    if encoder is None:
+        from model.finetune import feature_spec_for
+
+        adapter_path = resolve_adapter(adapter)
+        spec = FEATURE_SPEC_MINILM if adapter_path is None else feature_spec_for(adapter_path)
+    else:
+        spec = encoder.feature_spec
     if out_path is None:
         name = f"{source.stem}-{label_field}-{spec}-{sha12}.npz"
         target = default_cache_dir() / "features" / name
@@ -259,7 +333,7 @@ def encode_transcripts(
     transcripts = read_transcripts(source, label_field=label_field)
     label_names = label_names_for(transcripts, label_field)
     if encoder is None:
-        encoder = TextEncoder()
+        encoder = TextEncoder(adapter=adapter)
     all_texts = [text for t in transcripts for text in t.texts]
     features = encoder.encode(all_texts, progress=progress)  # (U, 384)
     if features.shape != (len(all_texts), encoder.dim):

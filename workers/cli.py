@@ -1,5 +1,6 @@
 """The `cfnesa` command line.
 
+    cfnesa finetune-encoder --data meld --out DIR fine-tune MiniLM as a LoRA adapter
     cfnesa features  --data meld                  encode a transcript file (cached)
     cfnesa train     --data meld --out runs/x     train, choose the epoch on valid, report test
     cfnesa eval      --checkpoint DIR --data meld score a checkpoint on a split
@@ -46,15 +47,63 @@ def _load_features(args: argparse.Namespace) -> Any:
         return FeatureSet.load(args.features)
     from model.encoder import encode_transcripts
 
-    return encode_transcripts(_transcript_path(args.data), label_field=args.label_field)
+    return encode_transcripts(
+        _transcript_path(args.data), label_field=args.label_field, adapter=_adapter(args)
+    )
+
+
+def _adapter(args: argparse.Namespace) -> Any:
+    """--adapter: a folder, "none" (plain MiniLM), or unset (the shipped adapter)."""
+    from model.encoder import DEFAULT
+
+    value = getattr(args, "adapter", None)
+    if value is None:
+        return DEFAULT
+    return None if value == "none" else value
 
 
 def cmd_features(args: argparse.Namespace) -> int:
     from model.encoder import encode_transcripts
 
     out = Path(args.out) if args.out else None
-    fs = encode_transcripts(_transcript_path(args.data), out_path=out, label_field=args.label_field)
+    fs = encode_transcripts(
+        _transcript_path(args.data),
+        out_path=out,
+        label_field=args.label_field,
+        adapter=_adapter(args),
+    )
     print(fs.summary())
+    return 0
+
+
+def cmd_finetune_encoder(args: argparse.Namespace) -> int:
+    from model.finetune import FinetuneConfig, finetune_encoder
+
+    overrides = {
+        k: v
+        for k, v in dict(
+            epochs=args.epochs,
+            batch_size=args.batch_size,
+            lr=args.lr,
+            rank=args.rank,
+            seed=args.seed,
+        ).items()
+        if v is not None
+    }
+    result = finetune_encoder(
+        _transcript_path(args.data),
+        args.out,
+        FinetuneConfig(**overrides),
+        label_field=args.label_field,
+        threads=args.threads,
+        progress=not args.quiet,
+    )
+    print(
+        f"adapter {result.feature_spec} in {result.out_dir}: best epoch {result.best_epoch + 1}, "
+        f"valid wF1 {result.valid.weighted_f1:.2f}"
+        + (f", test wF1 {result.test.weighted_f1:.2f}" if result.test else "")
+        + " (linear head on the sentence vectors, no context)"
+    )
     return 0
 
 
@@ -241,6 +290,9 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--features", help="a feature file written by `cfnesa features` instead of --data"
     )
+    p.add_argument(
+        "--adapter", help='encoder adapter folder, or "none" for plain MiniLM (default: shipped)'
+    )
     p.add_argument("--official", help="the authors' official feature pickle instead of --data")
     p.add_argument("--official-dataset", choices=["meld", "iemocap"], default=None)
     p.add_argument(
@@ -256,10 +308,30 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
+    p = sub.add_parser(
+        "finetune-encoder", help="fine-tune MiniLM on labelled transcripts as a LoRA adapter"
+    )
+    p.add_argument(
+        "--data", default="meld", help="transcript JSONL path, or a name in the data folder"
+    )
+    p.add_argument("--label-field", default="emotion", help="utterance field holding the labels")
+    p.add_argument("--out", required=True, help="adapter folder (resumes an interrupted run)")
+    p.add_argument("--epochs", type=int, help="default 3; the epoch is chosen on valid")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--lr", type=float, help="LoRA learning rate (default 1e-3)")
+    p.add_argument("--rank", type=int, help="LoRA rank (default 16)")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_finetune_encoder)
+
     p = sub.add_parser("features", help="encode a transcript file with MiniLM (cached)")
     p.add_argument("--data", default="meld")
     p.add_argument("--label-field", default="emotion")
     p.add_argument("--out", help="feature file path (default: the cache folder)")
+    p.add_argument(
+        "--adapter", help='encoder adapter folder, or "none" for plain MiniLM (default: shipped)'
+    )
     p.set_defaults(func=cmd_features)
 
     p = sub.add_parser("train", help="train CFN-ESA; epoch chosen on valid, test reported there")
