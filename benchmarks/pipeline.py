@@ -71,7 +71,10 @@ from streaming.embedded import Services, free_port  # noqa: E402
 from streaming.events import load_output, utterance_event  # noqa: E402
 from workers.processes import http_get, spawn, stop  # noqa: E402
 
-FEATURE_SPEC = "minilm-l6-v2"
+# what the shipped model expects (plain MiniLM or the shipped adapter's features)
+FEATURE_SPEC = json.loads(
+    (ROOT / "model/checkpoints/streaming-meld-minilm/config.json").read_text()
+)["feature_spec"]
 TEXT_DIM = 384
 PARTITIONS = 4
 P99_LIMIT_S = 0.100

@@ -124,8 +124,9 @@ def test_encode_transcripts_errors(tmp_path: Path) -> None:
 
 
 def test_real_minilm_encoder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The one test that loads all-MiniLM-L6-v2 (a few seconds)."""
-    enc = TextEncoder(batch_size=3)
+    """The test that loads plain all-MiniLM-L6-v2 (a few seconds); the adapter's are
+    in test_finetune.py."""
+    enc = TextEncoder(batch_size=3, adapter=None)
     assert enc.dim == MINILM_DIM == 384
     assert enc.feature_spec == FEATURE_SPEC_MINILM == "minilm-l6-v2"
 

@@ -19,13 +19,15 @@ import numpy as np
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from fixtures_services import FAST_GROUP  # quick joins and rebalances on Tansu
 
+from model.checkpoint import DEFAULT_CHECKPOINT
 from model.engine import StreamingEngine, Utterance
 from streaming.events import end_event, utterance_event
 from streaming.settings import Settings
 from streaming.topics import ensure_topics
 from workers.worker import Worker
 
-FEATURE_SPEC = "minilm-l6-v2"
+# what the shipped model expects (plain MiniLM or the shipped adapter's features)
+FEATURE_SPEC = json.loads((DEFAULT_CHECKPOINT / "config.json").read_text())["feature_spec"]
 CFNESA = Path(sys.executable).parent / "cfnesa"
 
 

@@ -22,7 +22,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.structs import ConsumerRecord
 
 from model.data import TranscriptDialogue, read_transcripts
-from model.encoder import FEATURE_SPEC_MINILM, TextEncoder
+from model.encoder import TextEncoder, default_feature_spec
 from streaming.embedded import EmbeddedKafka
 from streaming.events import (
     AlertEvent,
@@ -55,7 +55,9 @@ from workers.tail import RED, RESET, format_event, tail
 
 TIMEOUT_FACTOR = float(os.environ.get("CFNESA_TEST_TIMEOUT_FACTOR", "1"))
 WAIT_S = 20 * TIMEOUT_FACTOR
-EXPECT = Expectations(feature_spec=FEATURE_SPEC_MINILM, dims={"text": 384, "audio": 0, "visual": 0})
+EXPECT = Expectations(
+    feature_spec=default_feature_spec(), dims={"text": 384, "audio": 0, "visual": 0}
+)
 
 DIALOGUES = [
     {
