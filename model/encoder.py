@@ -62,6 +62,26 @@ def resolve_adapter(adapter: str | os.PathLike[str] | _Default | None) -> Path |
     return path
 
 
+def adapter_for_spec(spec: str) -> Path | None:
+    """The encoder that makes features of ``spec``: None for plain MiniLM, the shipped
+    adapter when its fingerprint matches.
+
+    Raises:
+        InputError: No installed encoder makes such features (name the adapter folder).
+    """
+    if spec == FEATURE_SPEC_MINILM:
+        return None
+    shipped = resolve_adapter(DEFAULT)
+    if shipped is not None:
+        from model.finetune import feature_spec_for
+
+        if feature_spec_for(shipped) == spec:
+            return shipped
+    raise InputError(
+        f"no installed encoder makes {spec!r} features; pass the adapter folder that does"
+    )
+
+
 def default_feature_spec() -> str:
     """The feature spec of the default encoder (the shipped adapter's, or plain MiniLM's)."""
     from model.finetune import feature_spec_for

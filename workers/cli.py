@@ -169,6 +169,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from model.train import evaluate
 
     ckpt = load_checkpoint(args.checkpoint)
+    if getattr(args, "adapter", None) is None and not (args.features or args.official):
+        from model.encoder import adapter_for_spec
+
+        # the encoder the model was trained on (plain MiniLM or the shipped adapter)
+        found = adapter_for_spec(ckpt.config.feature_spec)
+        args.adapter = "none" if found is None else str(found)
     features = _load_features(args)
     if features.feature_spec != ckpt.config.feature_spec:
         raise SystemExit(

@@ -32,6 +32,15 @@ class WorkerMetrics:
         self.events_out = Counter(
             "cfnesa_events_out", "Output events produced, by type", ["type"], registry=r
         )
+        self.emotions = Counter(
+            "cfnesa_emotions",
+            "Emotion events produced, by predicted emotion (re-emitted duplicates included)",
+            ["emotion"],
+            registry=r,
+        )
+        self.alerts = Counter(
+            "cfnesa_alerts", "Alert events produced, by rule", ["rule"], registry=r
+        )
         self.duplicates = Counter(
             "cfnesa_duplicates", "Input events already processed (seq <= last)", registry=r
         )

@@ -640,9 +640,14 @@ class Worker:
                 await producer.send(topic, value=value, key=key.encode() if key else None)
             )
         await asyncio.gather(*futures)
+        m = self.metrics
         for _, value, topic in events:
             kind = "dead_letter" if topic == self.settings.dlq_topic else _type_of(value)
-            self.metrics.events_out.labels(kind).inc()
+            m.events_out.labels(kind).inc()
+            if kind == "emotion":
+                m.emotions.labels(json.loads(value)["emotion"]).inc()
+            elif kind == "alert":
+                m.alerts.labels(json.loads(value)["rule"]).inc()
 
     async def _commit(self, records: Sequence[ConsumerRecord]) -> None:
         consumer = self._consumer

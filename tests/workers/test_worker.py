@@ -215,6 +215,12 @@ async def test_metrics_and_health_endpoints(pipeline, engine):
         assert status == 200
         assert 'cfnesa_events_in_total{type="utterance"} 3.0' in body
         assert 'cfnesa_events_out_total{type="emotion"} 3.0' in body
+        # the emotions by label add up to the events, each label as predicted
+        predicted: dict[str, int] = {}
+        for e in out.of(s.output_topic, "emotion"):
+            predicted[e["emotion"]] = predicted.get(e["emotion"], 0) + 1
+        for label, n in predicted.items():
+            assert f'cfnesa_emotions_total{{emotion="{label}"}} {float(n)}' in body
         assert "cfnesa_step_seconds_bucket" in body
         assert "cfnesa_consumer_lag" in body
         status, body = await asyncio.to_thread(get, "/healthz")
