@@ -368,6 +368,10 @@ def finetune_encoder(
     from safetensors.torch import save_file
 
     save_file({k: v.contiguous() for k, v in head.state_dict().items()}, str(out / HEAD_WEIGHTS))
+    with contextlib.suppress(OSError):
+        (out / "README.md").unlink()  # peft's empty model-card template; card.json is ours
+    for name in (ADAPTER_WEIGHTS, ADAPTER_CONFIG, HEAD_WEIGHTS):
+        (out / name).chmod(0o644)  # readable by the service user of an image
     valid = score(
         splits["valid"].labels, _predict(model, head, splits["valid"], pad_id), label_names
     )
