@@ -579,7 +579,9 @@ class EmbeddedRedis(_Server):
         # --cluster-port to choose another), so both must be free.
         for _ in range(200):
             port = free_port(self.host)
-            if port + _CLUSTER_BUS_OFFSET < 65536 and _bindable(self.host, port + _CLUSTER_BUS_OFFSET):
+            if port + _CLUSTER_BUS_OFFSET < 65536 and _bindable(
+                self.host, port + _CLUSTER_BUS_OFFSET
+            ):
                 return port
         raise ServiceStartError("no free port pair (port, port + 10000) for a cluster node")
 
