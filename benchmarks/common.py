@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import math
+import os
+import platform
 import subprocess
 from datetime import UTC, datetime
 from pathlib import Path
@@ -54,6 +57,23 @@ def scrape(port: int) -> dict[str, float]:
         for s in family.samples:
             labels = ",".join(f"{k}={v}" for k, v in sorted(s.labels.items()))
             out[f"{s.name}{{{labels}}}" if labels else s.name] = s.value
+    return out
+
+
+def machine(shared: str | None = None, **extra: Any) -> dict[str, Any]:
+    """The ``machine`` part of a result record: platform, CPU, cores, load at the
+    start, torch, what else shared the cores (``shared``), and any ``extra``."""
+    load = os.getloadavg() if hasattr(os, "getloadavg") else None
+    out: dict[str, Any] = {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpus": os.cpu_count(),
+        "load_average_at_start": [round(x, 2) for x in load] if load else None,
+        "torch": importlib.metadata.version("torch"),
+    }
+    if shared:
+        out["shared"] = shared
+    out.update(extra)
     return out
 
 

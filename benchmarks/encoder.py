@@ -23,10 +23,7 @@ Writes benchmarks/results/encoder-<date>.json.
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
 import json
-import os
-import platform
 import statistics
 import sys
 import time
@@ -40,7 +37,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from common import git, write_result  # noqa: E402 (benchmarks/common.py)
+from common import git, machine, write_result  # noqa: E402 (benchmarks/common.py)
 
 from model.checkpoint import DEFAULT_CHECKPOINT, load_checkpoint  # noqa: E402
 from model.data import default_data_dir, label_names_for, read_transcripts  # noqa: E402
@@ -134,13 +131,7 @@ def main() -> int:
         "commit": git("rev-parse", "--short", "HEAD"),
         "dirty_tree": bool(git("status", "--porcelain", "--untracked-files=no")),
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "machine": {
-            "platform": platform.platform(),
-            "processor": platform.processor() or platform.machine(),
-            "cpus": os.cpu_count(),
-            "torch": importlib.metadata.version("torch"),
-            "threads": args.threads,
-        },
+        "machine": machine(threads=args.threads),
         "settings": {"sentences": len(texts), "batch_size": 64, "repeats": repeats},
         "variants": results,
         "ratios": ratios,

@@ -50,7 +50,6 @@ import contextlib
 import json
 import math
 import os
-import platform
 import random
 import resource
 import secrets
@@ -71,7 +70,7 @@ from websockets.exceptions import ConnectionClosed
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from common import git, pct, scrape, write_result  # noqa: E402 (benchmarks/common.py)
+from common import git, machine, pct, scrape, write_result  # noqa: E402 (benchmarks/common.py)
 
 from streaming.embedded import Services, free_port  # noqa: E402
 from streaming.events import EmotionEvent, dump_event, format_ts  # noqa: E402
@@ -581,14 +580,10 @@ def main() -> int:
         "commit": git("rev-parse", "--short", "HEAD"),
         "dirty_tree": bool(git("status", "--porcelain", "--untracked-files=no")),
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "machine": {
-            "platform": platform.platform(),
-            "processor": platform.processor() or platform.machine(),
-            "cpus": cpus,
-            "load_average_at_start": [round(x, 2) for x in load] if load else None,
-            "shared": "producer and WebSocket clients (one Python process, one asyncio loop), "
-            "broker (Tansu), Redis and the gateway all run on these cores",
-        },
+        "machine": machine(
+            shared="producer and WebSocket clients (one Python process, one asyncio loop), "
+            "broker (Tansu), Redis and the gateway all run on these cores"
+        ),
         "setup": {
             "calls": args.calls,
             "calls_per_client": args.per_client,

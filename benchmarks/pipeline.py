@@ -44,11 +44,9 @@ import argparse
 import asyncio
 import contextlib
 import gc
-import importlib.metadata
 import json
 import math
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -65,7 +63,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from common import git, pct, scrape, write_result  # noqa: E402 (benchmarks/common.py)
+from common import git, machine, pct, scrape, write_result  # noqa: E402 (benchmarks/common.py)
 
 from streaming.embedded import Services, free_port  # noqa: E402
 from streaming.events import load_output, utterance_event  # noqa: E402
@@ -692,15 +690,10 @@ def main() -> int:
         "commit": git("rev-parse", "--short", "HEAD"),
         "dirty_tree": bool(git("status", "--porcelain", "--untracked-files=no")),
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "machine": {
-            "platform": platform.platform(),
-            "processor": platform.processor() or platform.machine(),
-            "cpus": cpus,
-            "load_average_at_start": [round(x, 2) for x in load] if load else None,
-            "torch": importlib.metadata.version("torch"),
-            "shared": "load generator, consumer, broker (Tansu), Redis and the worker "
-            "all run on these cores",
-        },
+        "machine": machine(
+            shared="load generator, consumer, broker (Tansu), Redis and the worker "
+            "all run on these cores"
+        ),
         "setup": {
             "calls": args.calls,
             "features": f"text only, {TEXT_DIM}-d float32, base64",

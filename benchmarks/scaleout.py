@@ -29,10 +29,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
-import importlib.metadata
 import math
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -46,7 +44,7 @@ from aiokafka import AIOKafkaProducer
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from common import git, write_result  # noqa: E402 (benchmarks/common.py)
+from common import git, machine, write_result  # noqa: E402 (benchmarks/common.py)
 from pipeline import Calls, Receiver, cpu_seconds, offer  # noqa: E402 (benchmarks/pipeline.py)
 
 from streaming.embedded import Services, free_port  # noqa: E402
@@ -220,14 +218,9 @@ def main() -> int:
         "commit": git("rev-parse", "--short", "HEAD"),
         "dirty_tree": bool(git("status", "--porcelain", "--untracked-files=no")),
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "machine": {
-            "platform": platform.platform(),
-            "processor": platform.processor() or platform.machine(),
-            "cpus": cpus,
-            "load_average_at_start": [round(x, 2) for x in load] if load else None,
-            "torch": importlib.metadata.version("torch"),
-            "shared": "broker (Tansu), Redis, load generator and workers all run on these cores",
-        },
+        "machine": machine(
+            shared="broker (Tansu), Redis, load generator and workers all run on these cores"
+        ),
         "settings": {
             "calls": args.calls,
             "partitions": PARTITIONS,
