@@ -125,3 +125,32 @@ def test_bad_adapter_paths_and_settings_are_refused(tmp_path: Path):
         TextEncoder(adapter=tmp_path)
     with pytest.raises(ConfigError):
         FinetuneConfig(rank=0)
+
+
+def test_cli_finetune_then_train_and_eval_on_an_untuned_label_set(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+):
+    """`cfnesa finetune-encoder` then `cfnesa train` / `eval` with its adapter, on a
+    transcript file whose labels nobody tuned for: no code changes, just the commands."""
+    from workers.cli import main as cli
+
+    monkeypatch.setenv("CFNESA_CACHE_DIR", str(tmp_path / "cache"))
+    data = str(_transcripts(tmp_path / "calls.jsonl", seed=5))
+    adapter = tmp_path / "adapter"
+    common = ["--data", data, "--label-field", "mood"]
+    assert cli(["finetune-encoder", *common, "--out", str(adapter), "--epochs", "1",
+                "--rank", "4", "--batch-size", "8", "--quiet"]) == 0  # fmt: skip
+    spec = feature_spec_for(adapter)
+    assert spec in capsys.readouterr().out
+    run = tmp_path / "run"
+    assert cli(["train", *common, "--adapter", str(adapter), "--out", str(run),
+                "--d-model", "16", "--heads", "2", "--acme-layers", "1", "--window", "3",
+                "--epochs", "2", "--batch-size", "4", "--quiet"]) == 0  # fmt: skip
+    card = json.loads((run / "best" / "card.json").read_text())
+    assert card["feature_spec"] == spec and set(card["label_names"]) == set(WORDS)
+    capsys.readouterr()
+    # eval finds no installed encoder for this adapter's spec: it says so, clearly
+    assert cli(["eval", *common, "--checkpoint", str(run / "best")]) == 1
+    assert "no installed encoder makes" in capsys.readouterr().err
+    assert cli(["eval", *common, "--adapter", str(adapter), "--checkpoint", str(run / "best")]) == 0
+    assert json.loads(capsys.readouterr().out)["support"] == 18
