@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol
@@ -189,7 +190,10 @@ class TextEncoder:
 
             from model.finetune import feature_spec_for
 
-            self._model = PeftModel.from_pretrained(self._model, self.adapter).merge_and_unload()
+            with warnings.catch_warnings():  # peft asks transformers a deprecated question
+                warnings.filterwarnings("ignore", "`is_gradient_checkpointing`", FutureWarning)
+                peft_model = PeftModel.from_pretrained(self._model, self.adapter)
+            self._model = peft_model.merge_and_unload()
             self._spec = feature_spec_for(self.adapter)
         if quantize:
             self._model = torch.ao.quantization.quantize_dynamic(

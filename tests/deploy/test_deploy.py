@@ -536,15 +536,17 @@ def test_dockerfile():
 def test_the_shipped_model_and_files_are_package_data():
     """`pip install .` (not editable) must carry what the code loads at run time."""
     from model.checkpoint import DEFAULT_CHECKPOINT
+    from model.encoder import DEFAULT_ADAPTER
 
     package_data = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"][
         "package-data"
     ]
-    shipped = {
-        "model": DEFAULT_CHECKPOINT,
-        "streaming": ROOT / "streaming" / "gateway" / "static",
-    }
-    for package, folder in shipped.items():
+    shipped = [
+        ("model", DEFAULT_CHECKPOINT),
+        ("model", DEFAULT_ADAPTER),  # the encoder adapter the default model's features need
+        ("streaming", ROOT / "streaming" / "gateway" / "static"),
+    ]
+    for package, folder in shipped:
         files = [p for p in folder.rglob("*") if p.is_file() and "__pycache__" not in p.parts]
         assert files, folder
         for path in files:
