@@ -106,8 +106,14 @@ BAD_CASES: dict[str, bytes] = {
         }
     ).encode(),
     "oversize": b'{"pad": "' + b"x" * 1_100_000 + b'"}',
+    # plain MiniLM features sent to the model trained on the adapter's (issue 6): the mix
+    # a feature spec exists to stop
     "feature_spec_mismatch": utterance_event(
-        "bad-f", 0, "agent", {"text": np.ones(384)}, "another-encoder"
+        "bad-f",
+        0,
+        "agent",
+        {"text": np.ones(384)},
+        "minilm-l6-v2" if FEATURE_SPEC != "minilm-l6-v2" else "another-encoder",
     ),
     "no_modality": utterance_event("bad-m", 0, "agent", {"text": None}, FEATURE_SPEC),
 }
