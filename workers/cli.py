@@ -34,6 +34,11 @@ def _transcript_path(data: str) -> Path:
     raise SystemExit(f"cfnesa: no transcript file {data!r} (nor {candidate})")
 
 
+def _given(**values: Any) -> dict[str, Any]:
+    """The options the user gave (argparse leaves the others None)."""
+    return {k: v for k, v in values.items() if v is not None}
+
+
 def _load_features(args: argparse.Namespace) -> Any:
     from model.data import FeatureSet
 
@@ -79,17 +84,13 @@ def cmd_features(args: argparse.Namespace) -> int:
 def cmd_finetune_encoder(args: argparse.Namespace) -> int:
     from model.finetune import FinetuneConfig, finetune_encoder
 
-    overrides = {
-        k: v
-        for k, v in dict(
-            epochs=args.epochs,
-            batch_size=args.batch_size,
-            lr=args.lr,
-            rank=args.rank,
-            seed=args.seed,
-        ).items()
-        if v is not None
-    }
+    overrides = _given(
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        rank=args.rank,
+        seed=args.seed,
+    )
     result = finetune_encoder(
         _transcript_path(args.data),
         args.out,
@@ -113,37 +114,29 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     features = _load_features(args)
     print(features.summary())
-    overrides = {
-        k: v
-        for k, v in dict(
-            mode=args.mode,
-            d_model=args.d_model,
-            acme_layers=args.acme_layers,
-            rume_layers=args.rume_layers,
-            heads=args.heads,
-            window_utterances=args.window,
-            rume_dropout=args.rume_dropout,
-            acme_dropout=args.acme_dropout,
-            name=args.name,
-        ).items()
-        if v is not None
-    }
+    overrides = _given(
+        mode=args.mode,
+        d_model=args.d_model,
+        acme_layers=args.acme_layers,
+        rume_layers=args.rume_layers,
+        heads=args.heads,
+        window_utterances=args.window,
+        rume_dropout=args.rume_dropout,
+        acme_dropout=args.acme_dropout,
+        name=args.name,
+    )
     model_config = preset(args.preset, **overrides) if args.preset else ModelConfig(**overrides)
-    train_overrides = {
-        k: v
-        for k, v in dict(
-            epochs=args.epochs,
-            batch_size=args.batch_size,
-            lr=args.lr,
-            seed=args.seed,
-            emotion_loss=args.loss,
-            shift_lambda=args.shift_lambda,
-            patience=args.patience,
-            modality_dropout=args.modality_dropout,
-            lesm_second_pass=None if args.second_pass is None else args.second_pass == "on",  # noqa: S105
-        ).items()
-        if v is not None
-    }
+    train_overrides = _given(
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        seed=args.seed,
+        emotion_loss=args.loss,
+        shift_lambda=args.shift_lambda,
+        patience=args.patience,
+        modality_dropout=args.modality_dropout,
+        lesm_second_pass=None if args.second_pass is None else args.second_pass == "on",  # noqa: S105
+    )
     train_config = train_preset(args.train_preset, **train_overrides)
     result = train(
         features,
