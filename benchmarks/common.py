@@ -60,6 +60,14 @@ def scrape(port: int) -> dict[str, float]:
     return out
 
 
+def warn_if_busy() -> None:
+    """Say so when the machine is already busy: the figures would suffer."""
+    load = os.getloadavg() if hasattr(os, "getloadavg") else None
+    cpus = os.cpu_count()
+    if load is not None and cpus and load[0] > 0.5 * cpus:
+        print(f"WARNING: load average {load[0]:.2f} before the run: figures will suffer")
+
+
 def machine(shared: str | None = None, **extra: Any) -> dict[str, Any]:
     """The ``machine`` part of a result record: platform, CPU, cores, load at the
     start, torch, what else shared the cores (``shared``), and any ``extra``."""

@@ -70,7 +70,7 @@ from websockets.exceptions import ConnectionClosed
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from common import git, machine, pct, scrape, write_result  # noqa: E402 (benchmarks/common.py)
+from common import git, machine, pct, scrape, warn_if_busy, write_result  # noqa: E402 (benchmarks/common.py)
 
 from streaming.embedded import Services, free_port  # noqa: E402
 from streaming.events import EmotionEvent, dump_event, format_ts  # noqa: E402
@@ -489,7 +489,6 @@ def main() -> int:
         target = need if hard == resource.RLIM_INFINITY else min(max(need, soft), hard)
         resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
     cpus = os.cpu_count()
-    load = os.getloadavg() if hasattr(os, "getloadavg") else None
     print(
         f"clients {counts}, each on {args.per_client} of {args.calls} calls (+{args.all_clients} "
         f"on all); {args.rate:g} events/s; phases of {args.phase_s:g} s: baseline and, "
@@ -499,8 +498,7 @@ def main() -> int:
         "clients' receive cost is in the latencies.",
         flush=True,
     )
-    if load is not None and cpus and load[0] > 0.5 * cpus:
-        print(f"WARNING: load average {load[0]:.2f} before the run: figures will suffer")
+    warn_if_busy()
     logs = Path(tempfile.mkdtemp(prefix="cfnesa-bench-gateway-"))
     print(f"logs in {logs}", flush=True)
     results = {}

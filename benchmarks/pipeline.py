@@ -63,7 +63,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from common import git, machine, pct, scrape, write_result  # noqa: E402 (benchmarks/common.py)
+from common import git, machine, pct, scrape, warn_if_busy, write_result  # noqa: E402 (benchmarks/common.py)
 
 from streaming.embedded import Services, free_port  # noqa: E402
 from streaming.events import load_output, utterance_event  # noqa: E402
@@ -623,7 +623,6 @@ def main() -> int:
         parser.error(f"unknown configs {sorted(unknown)}; known: {sorted(CONFIGS)}")
 
     cpus = os.cpu_count()
-    load = os.getloadavg() if hasattr(os, "getloadavg") else None
     print(
         f"{args.calls} concurrent calls, text-only {TEXT_DIM}-d features, {PARTITIONS} "
         f"partitions, one worker (CFNESA_TORCH_THREADS={args.torch_threads}); steps of "
@@ -632,8 +631,7 @@ def main() -> int:
         f"the broker, Redis and the worker all share this machine's {cpus} cores.",
         flush=True,
     )
-    if load is not None and cpus and load[0] > 0.5 * cpus:
-        print(f"WARNING: load average {load[0]:.2f} before the run: figures will suffer")
+    warn_if_busy()
     logs = Path(tempfile.mkdtemp(prefix="cfnesa-bench-"))
     print(f"logs in {logs}", flush=True)
     results: dict[str, Any] = {}

@@ -44,7 +44,7 @@ from aiokafka import AIOKafkaProducer
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from common import git, machine, write_result  # noqa: E402 (benchmarks/common.py)
+from common import git, machine, warn_if_busy, write_result  # noqa: E402 (benchmarks/common.py)
 from pipeline import Calls, Receiver, cpu_seconds, offer  # noqa: E402 (benchmarks/pipeline.py)
 
 from streaming.embedded import Services, free_port  # noqa: E402
@@ -181,15 +181,13 @@ def main() -> int:
         parser.error(f"unknown shapes {sorted(unknown)}; known: {sorted(SHAPES)}")
 
     cpus = os.cpu_count()
-    load = os.getloadavg() if hasattr(os, "getloadavg") else None
     print(
         f"{args.calls} concurrent calls, text-only, {PARTITIONS} partitions; backlogs of "
         f"~{args.backlog_s:g} s of one worker's work, {args.repeats} measured per shape.\n"
         f"NOTE: the broker, Redis, this load generator and the workers share {cpus} cores.",
         flush=True,
     )
-    if load is not None and cpus and load[0] > 0.5 * cpus:
-        print(f"WARNING: load average {load[0]:.2f} before the run: figures will suffer")
+    warn_if_busy()
     logs = Path(tempfile.mkdtemp(prefix="cfnesa-bench-scaleout-"))
     print(f"logs in {logs}", flush=True)
     results: dict[str, Any] = {}
