@@ -83,12 +83,17 @@ def adapter_for_spec(spec: str) -> Path | None:
     )
 
 
-def default_feature_spec() -> str:
-    """The feature spec of the default encoder (the shipped adapter's, or plain MiniLM's)."""
+def feature_spec_of(adapter: str | os.PathLike[str] | _Default | None = DEFAULT) -> str:
+    """The feature spec of the encoder an ``adapter`` setting means (see :class:`TextEncoder`)."""
     from model.finetune import feature_spec_for
 
-    path = resolve_adapter(DEFAULT)
+    path = resolve_adapter(adapter)
     return FEATURE_SPEC_MINILM if path is None else feature_spec_for(path)
+
+
+def default_feature_spec() -> str:
+    """The feature spec of the default encoder (the shipped adapter's, or plain MiniLM's)."""
+    return feature_spec_of(DEFAULT)
 
 
 MINILM_DIM = 384
@@ -327,13 +332,7 @@ def encode_transcripts(
         sha12 = _file_sha256(source)[:12]
     except OSError as exc:
         raise DataError(f"{source}: cannot read transcripts: {exc}") from exc
-    if encoder is None:
-        from model.finetune import feature_spec_for
-
-        adapter_path = resolve_adapter(adapter)
-        spec = FEATURE_SPEC_MINILM if adapter_path is None else feature_spec_for(adapter_path)
-    else:
-        spec = encoder.feature_spec
+    spec = feature_spec_of(adapter) if encoder is None else encoder.feature_spec
     if out_path is None:
         name = f"{source.stem}-{label_field}-{spec}-{sha12}.npz"
         target = default_cache_dir() / "features" / name

@@ -34,12 +34,15 @@ class WorkerMetrics:
         )
         self.emotions = Counter(
             "cfnesa_emotions",
-            "Emotion events produced, by predicted emotion (re-emitted duplicates included)",
+            "Utterances applied, by predicted emotion (re-emitted duplicates not counted)",
             ["emotion"],
             registry=r,
         )
         self.alerts = Counter(
-            "cfnesa_alerts", "Alert events produced, by rule", ["rule"], registry=r
+            "cfnesa_alerts",
+            "Alerts fired, by rule (re-emitted duplicates not counted)",
+            ["rule"],
+            registry=r,
         )
         self.duplicates = Counter(
             "cfnesa_duplicates", "Input events already processed (seq <= last)", registry=r

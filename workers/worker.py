@@ -169,6 +169,8 @@ class _Done:
     events: list[bytes]
     conv: Conv
     e2e_from: list[float] = field(default_factory=list)  # input timestamps (s)
+    emotions: list[str] = field(default_factory=list)  # predicted, for the metrics
+    alerts: list[str] = field(default_factory=list)  # rules fired, for the metrics
 
 
 class Worker:
@@ -360,6 +362,10 @@ class Worker:
                     reemit[plan.cid] = plan.duplicates
                     m.duplicates.inc(len(plan.duplicates))
                 fresh[plan.cid] = out.events
+                for label in out.emotions:
+                    m.emotions.labels(label).inc()
+                for rule in out.alerts:
+                    m.alerts.labels(rule).inc()
                 now = time.time()
                 for t in out.e2e_from:
                     m.e2e_seconds.observe(max(now - t, 0.0))
@@ -519,6 +525,8 @@ class Worker:
         tracker = CallTracker(_tracker_copy(conv.tracker))
         events: list[bytes] = []
         e2e: list[float] = []
+        emotions: list[str] = []
+        alerts: list[str] = []
         new_seq = conv.seq
         state = conv.state
         labels = self.engine.label_names
@@ -551,6 +559,7 @@ class Worker:
                     text=ev.text if s.include_text else None,
                 )
                 events.append(dump_event(emotion))
+                emotions.append(out.emotion)
                 if gap:
                     self.metrics.gaps.inc()
                 for alert in tracker.observe(
@@ -562,6 +571,7 @@ class Worker:
                     ts=ts,
                     gap=gap,
                 ):
+                    alerts.append(alert.rule)
                     events.append(
                         dump_event(
                             AlertEvent(
@@ -608,7 +618,7 @@ class Worker:
                 replace=True,
             )
             done = Conv(end_seq, None, tracker, ended=True, partition=plan.partition)
-            return _Done(commit, events, done, e2e)
+            return _Done(commit, events, done, e2e, emotions, alerts)
         if result is None or state is None:
             return _Done(None, events, conv, e2e)
         assert new_seq is not None
@@ -625,7 +635,8 @@ class Worker:
             ttl_s=s.state_ttl_s,
             replace=conv.reset,
         )
-        return _Done(commit, events, Conv(new_seq, state, tracker, partition=plan.partition), e2e)
+        advanced = Conv(new_seq, state, tracker, partition=plan.partition)
+        return _Done(commit, events, advanced, e2e, emotions, alerts)
 
     # ------------------------------------------------------ outputs, offsets
 
@@ -640,14 +651,9 @@ class Worker:
                 await producer.send(topic, value=value, key=key.encode() if key else None)
             )
         await asyncio.gather(*futures)
-        m = self.metrics
         for _, value, topic in events:
             kind = "dead_letter" if topic == self.settings.dlq_topic else _type_of(value)
-            m.events_out.labels(kind).inc()
-            if kind == "emotion":
-                m.emotions.labels(json.loads(value)["emotion"]).inc()
-            elif kind == "alert":
-                m.alerts.labels(json.loads(value)["rule"]).inc()
+            self.metrics.events_out.labels(kind).inc()
 
     async def _commit(self, records: Sequence[ConsumerRecord]) -> None:
         consumer = self._consumer

@@ -214,6 +214,14 @@ class Collector:
             await asyncio.sleep(0.1)
 
 
+def wait_exit(proc: subprocess.Popen[bytes], timeout: float) -> int | None:
+    """The process's exit code, or None if it is still running after ``timeout`` s."""
+    try:
+        return proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        return None
+
+
 def emotion_ids(events: list[dict]) -> set[str]:
     return {e["event_id"] for e in events if e["type"] == "emotion"}
 

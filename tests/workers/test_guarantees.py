@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import random
 import signal
-import subprocess
 import time
 from pathlib import Path
 
@@ -24,12 +23,14 @@ from support import (
     Collector,
     Pipeline,
     check_outputs,
+    emotion_ids,
     interleave,
     make_calls,
     new_pipeline,
     produce,
     running,
     start_worker_process,
+    wait_exit,
 )
 
 from model.engine import StreamingEngine, Utterance
@@ -67,13 +68,6 @@ async def _check_states(pipe: Pipeline, engine: StreamingEngine, calls) -> None:
         await client.aclose()
 
 
-def _wait_exit(proc: subprocess.Popen[bytes], timeout: float) -> int | None:
-    try:
-        return proc.wait(timeout)
-    except subprocess.TimeoutExpired:
-        return None
-
-
 async def test_kill_9_at_every_stage_loses_nothing(pipeline: Pipeline, engine, tmp_path: Path):
     s = pipeline.settings
     calls = make_calls(10, (12, 25), seed=10)
@@ -102,7 +96,7 @@ async def test_kill_9_at_every_stage_loses_nothing(pipeline: Pipeline, engine, t
             if complete(out):
                 break
             proc = start_worker_process(pipeline, log, CFNESA_FAULTS=spec, **member)
-            code = await asyncio.to_thread(_wait_exit, proc, 60)
+            code = await asyncio.to_thread(wait_exit, proc, 60)
             if code is None:  # never reached its fault point (little input left)
                 proc.kill()
                 proc.wait()
@@ -128,7 +122,7 @@ async def test_kill_9_at_every_stage_loses_nothing(pipeline: Pipeline, engine, t
                 await asyncio.sleep(0.2)
         finally:
             proc.terminate()
-            assert await asyncio.to_thread(_wait_exit, proc, 30) == 0
+            assert await asyncio.to_thread(wait_exit, proc, 30) == 0
     assert kills >= 20
     events = out.of(s.output_topic)
     _same_ids_same_content(events)
@@ -157,10 +151,12 @@ async def test_redis_down_and_back(kafka: EmbeddedKafka, engine, tmp_path: Path)
                 await asyncio.sleep(3)
                 assert proc.poll() is None, "the worker died while Redis was down"
                 await asyncio.to_thread(redis_server.start)
-                await out.wait(lambda c: len(emotion_ids(c, s.output_topic)) == total, timeout=90)
+                await out.wait(
+                    lambda c: len(emotion_ids(c.of(s.output_topic))) == total, timeout=90
+                )
             finally:
                 proc.terminate()
-                assert await asyncio.to_thread(_wait_exit, proc, 30) == 0
+                assert await asyncio.to_thread(wait_exit, proc, 30) == 0
         assert "redis unavailable" in log.read_text()
         _same_ids_same_content(out.of(s.output_topic))
         check_outputs(engine, calls, out.of(s.output_topic, "emotion"))
@@ -183,26 +179,22 @@ async def test_redis_out_of_memory_pauses_then_resumes(
     try:
         async with Collector(s.kafka_bootstrap, s.output_topic) as out, running(s, engine) as w:
             await produce(s.kafka_bootstrap, s.input_topic, first)
-            await out.wait(lambda c: len(emotion_ids(c, s.output_topic)) == len(first))
+            await out.wait(lambda c: len(emotion_ids(c.of(s.output_topic))) == len(first))
             used = int((await admin.info("memory"))["used_memory"])
             await admin.config_set("maxmemory-policy", "noeviction")
             await admin.config_set("maxmemory", str(used))  # full: every write is refused
             await produce(s.kafka_bootstrap, s.input_topic, second)
             await out.wait(lambda c: w.health()[1]["outage"] == "redis", timeout=30)
             await asyncio.sleep(1)
-            assert len(emotion_ids(out, s.output_topic)) == len(first)  # paused, not dropped
+            assert len(emotion_ids(out.of(s.output_topic))) == len(first)  # paused, not dropped
             await admin.config_set("maxmemory", "0")
-            await out.wait(lambda c: len(emotion_ids(c, s.output_topic)) == total, timeout=60)
+            await out.wait(lambda c: len(emotion_ids(c.of(s.output_topic))) == total, timeout=60)
             assert w.health()[1]["outage"] is None
     finally:
         await admin.aclose()
     _same_ids_same_content(out.of(s.output_topic))
     check_outputs(engine, calls, out.of(s.output_topic, "emotion"))
     await _check_states(pipe, engine, calls)
-
-
-def emotion_ids(c: Collector, topic: str) -> set[str]:
-    return {e["event_id"] for e in c.of(topic, "emotion")}
 
 
 async def test_broker_restart(redis_server, engine, tmp_path: Path):
@@ -240,7 +232,7 @@ async def test_broker_restart(redis_server, engine, tmp_path: Path):
             assert proc.poll() is None
         finally:
             proc.terminate()
-            code = await asyncio.to_thread(_wait_exit, proc, 30)
+            code = await asyncio.to_thread(wait_exit, proc, 30)
         assert code == 0, log.read_text()[-3000:]
         check_outputs(engine, after, out2.of(s.output_topic, "emotion"))
 
@@ -263,10 +255,10 @@ async def test_two_workers_one_killed(pipeline: Pipeline, engine, tmp_path: Path
             b.send_signal(signal.SIGKILL)
             b.wait()
             await produce(s.kafka_bootstrap, s.input_topic, messages[half:])
-            await out.wait(lambda c: len(emotion_ids(c, s.output_topic)) == total, timeout=120)
+            await out.wait(lambda c: len(emotion_ids(c.of(s.output_topic))) == total, timeout=120)
     finally:
         a.terminate()
-        code = await asyncio.to_thread(_wait_exit, a, 30)
+        code = await asyncio.to_thread(wait_exit, a, 30)
         if b.poll() is None:
             b.kill()
     assert code == 0, log.read_text()[-3000:]

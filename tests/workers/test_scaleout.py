@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -23,12 +22,14 @@ from support import (
     Collector,
     Pipeline,
     check_outputs,
+    emotion_ids,
     interleave,
     make_calls,
     new_pipeline,
     produce,
     running,
     start_worker_process,
+    wait_exit,
 )
 
 from model.engine import StreamingEngine
@@ -36,17 +37,6 @@ from streaming.embedded import EmbeddedKafka, EmbeddedRedis, EmbeddedRedisCluste
 from streaming.state_store import StateStore
 
 pytestmark = pytest.mark.slow
-
-
-def _wait_exit(proc: subprocess.Popen[bytes], timeout: float) -> int | None:
-    try:
-        return proc.wait(timeout)
-    except subprocess.TimeoutExpired:
-        return None
-
-
-def _emotion_ids(out: Collector, topic: str) -> set[str]:
-    return {e["event_id"] for e in out.of(topic, "emotion")}
 
 
 def _assignments(log: Path) -> list[str]:
@@ -90,7 +80,7 @@ async def test_the_worker_on_redis_cluster_equals_a_single_redis_run(
         async with Collector(s.kafka_bootstrap, s.output_topic) as out, running(s, engine):
             await produce(s.kafka_bootstrap, s.input_topic, interleave(calls, end=False))
             total = sum(len(c.vectors) for c in calls)
-            await out.wait(lambda c, s=s, n=total: len(_emotion_ids(c, s.output_topic)) == n)
+            await out.wait(lambda c, s=s, n=total: len(emotion_ids(c.of(s.output_topic))) == n)
         results[name] = sorted(
             out.of(s.output_topic, "emotion"), key=lambda e: (e["conversation_id"], e["seq"])
         )
@@ -135,7 +125,7 @@ async def test_three_workers_on_twelve_partitions_then_a_fourth_joins_and_one_di
         async with Collector(s.kafka_bootstrap, s.output_topic) as out:
 
             def done(n: int):
-                return lambda c: len(_emotion_ids(c, s.output_topic)) >= n
+                return lambda c: len(emotion_ids(c.of(s.output_topic))) >= n
 
             await produce(s.kafka_bootstrap, s.input_topic, thirds[0])
             await out.wait(done(len(thirds[0])), 120)
@@ -162,7 +152,7 @@ async def test_three_workers_on_twelve_partitions_then_a_fourth_joins_and_one_di
                 proc.terminate()
         for i, proc in enumerate(procs):
             if i != 1:
-                codes.append(await asyncio.to_thread(_wait_exit, proc, 30))
+                codes.append(await asyncio.to_thread(wait_exit, proc, 30))
         for proc in procs:
             if proc.poll() is None:
                 proc.kill()
@@ -191,13 +181,13 @@ async def test_sigterm_drains_and_a_rolling_restart_loses_and_repeats_nothing(
             sent = 0
             await produce(s.kafka_bootstrap, s.input_topic, chunks[0])
             sent += len(chunks[0])
-            await out.wait(lambda c, n=sent: len(_emotion_ids(c, s.output_topic)) >= n, 120)
+            await out.wait(lambda c, n=sent: len(emotion_ids(c.of(s.output_topic))) >= n, 120)
             for i in range(2):  # restart each worker in turn, input flowing meanwhile
                 feed = asyncio.create_task(
                     produce(s.kafka_bootstrap, s.input_topic, chunks[1 + 2 * i])
                 )
                 procs[i].send_signal(signal.SIGTERM)
-                codes.append(await asyncio.to_thread(_wait_exit, procs[i], 30))
+                codes.append(await asyncio.to_thread(wait_exit, procs[i], 30))
                 await feed
                 sent += len(chunks[1 + 2 * i])
                 procs[i] = start_worker_process(pipeline, log, CFNESA_LOG_LEVEL="INFO")
@@ -205,13 +195,13 @@ async def test_sigterm_drains_and_a_rolling_restart_loses_and_repeats_nothing(
                 await out.wait(lambda c, n=3 + i: log.read_text().count("worker up:") >= n, 60)
                 await produce(s.kafka_bootstrap, s.input_topic, chunks[2 + 2 * i])
                 sent += len(chunks[2 + 2 * i])
-                await out.wait(lambda c, n=sent: len(_emotion_ids(c, s.output_topic)) >= n, 120)
+                await out.wait(lambda c, n=sent: len(emotion_ids(c.of(s.output_topic))) >= n, 120)
             assert sent == total
     finally:
         for proc in procs:
             proc.terminate()
         for proc in procs:
-            codes.append(await asyncio.to_thread(_wait_exit, proc, 30))
+            codes.append(await asyncio.to_thread(wait_exit, proc, 30))
         for proc in procs:
             if proc.poll() is None:
                 proc.kill()
