@@ -21,6 +21,7 @@ from typing import Any, Protocol
 
 import numpy as np
 import torch
+from torch import Tensor
 
 from model.data import (
     FeatureSet,
@@ -103,6 +104,77 @@ bundled config allows 256); utterances are far shorter, so this only bounds
 the cost of a pathological input."""
 
 
+CONTEXT_TOKENS = 64
+"""Token budget of the previous utterances an encoder with causal context reads."""
+
+
+def tokenize_plain(tokenizer: Any, texts: Sequence[str]) -> list[list[int]]:
+    """Token ids of texts without special tokens, each cut to fit one input."""
+    if not texts:
+        return []
+    ids: list[list[int]] = tokenizer(
+        list(texts), add_special_tokens=False, truncation=True, max_length=MAX_LENGTH_TOKENS - 2
+    )["input_ids"]
+    return ids
+
+
+def with_context(
+    current: list[int],
+    previous: Sequence[list[int]],
+    cls_id: int,
+    sep_id: int,
+    context_tokens: int = CONTEXT_TOKENS,
+) -> tuple[list[int], int]:
+    """One encoder input: ``[CLS] prev_k [SEP] ... prev_1 [SEP] current [SEP]``.
+
+    ``previous`` is oldest first (only earlier utterances of the call: causal). The
+    nearest ones are kept first and the oldest cut at the front, so that at most
+    ``context_tokens`` context tokens come before the current utterance, which is never
+    cut. Returns the ids and the number of context tokens (separators included): the
+    sentence vector pools ``[CLS]``, the current utterance and its ``[SEP]`` only. With
+    no context the input is exactly the tokenizer's ``[CLS] current [SEP]``.
+    """
+    context: list[int] = []
+    budget = context_tokens
+    for ids in reversed(previous):
+        if budget <= 0:
+            break
+        piece = [*ids, sep_id][-budget:]
+        context = piece + context
+        budget -= len(piece)
+    return [cls_id, *context, *current, sep_id], len(context)
+
+
+def pad_inputs(
+    batch: Sequence[tuple[list[int], int]], pad_id: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Padded ``(ids, context length)`` inputs -> (B, T) ids, attention mask, pooling mask.
+
+    Every token is attended to; the pooling mask leaves out the context tokens.
+    """
+    width = max(len(seq) for seq, _ in batch)
+    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)  # (B, T)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)  # (B, T)
+    for row, (seq, _) in enumerate(batch):
+        ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+        mask[row, : len(seq)] = 1
+    pool = mask.clone()  # (B, T)
+    for row, (_, n_context) in enumerate(batch):
+        pool[row, 1 : 1 + n_context] = 0
+    return ids, mask, pool
+
+
+def pooled_vectors(model: Any, ids: Tensor, mask: Tensor, pool: Tensor) -> Tensor:
+    """Mean over the pooled tokens, then L2 normalisation: (B, T) -> (B, d) unit vectors
+    (sentence-transformers' pooling of this model when ``pool`` is the attention mask)."""
+    hidden = model(
+        input_ids=ids, attention_mask=mask, token_type_ids=torch.zeros_like(ids)
+    ).last_hidden_state  # (B, T, d)
+    weights = pool.unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
+    pooled = (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1e-9)  # (B, d)
+    return torch.nn.functional.normalize(pooled, p=2, dim=1)
+
+
 class SentenceEncoder(Protocol):
     """What :func:`encode_transcripts` needs of an encoder (TextEncoder, or a test double)."""
 
@@ -116,8 +188,19 @@ class SentenceEncoder(Protocol):
         """The spec string of the features."""
         ...
 
-    def encode(self, texts: Sequence[str], progress: bool = False) -> np.ndarray:
-        """float32 (N, dim) features of ``texts``."""
+    @property
+    def context(self) -> int:
+        """How many previous utterances of the call each text is read with (0: none)."""
+        ...
+
+    def encode(
+        self,
+        texts: Sequence[str],
+        progress: bool = False,
+        contexts: Sequence[Sequence[str]] | None = None,
+    ) -> np.ndarray:
+        """float32 (N, dim) features of ``texts`` (``contexts[i]``: the previous texts
+        of ``texts[i]``'s call, oldest first; used when :attr:`context` > 0)."""
         ...
 
 
@@ -153,6 +236,10 @@ class TextEncoder:
             installed; None: plain MiniLM.
         quantize: dynamic int8 quantization of the linear layers (CPU; faster, and
             the features move by about 1e-2: a model must be evaluated on them).
+        backend: "torch", or "onnx": the same weights exported once to ONNX (cached
+            under the cache folder by feature spec) and run by ONNX Runtime (the
+            ``onnxruntime`` package); the features agree with torch's to ~1e-5, so
+            the feature spec is the same. Not combined with ``quantize``.
     """
 
     def __init__(
@@ -162,7 +249,12 @@ class TextEncoder:
         device: str = "cpu",
         adapter: str | os.PathLike[str] | _Default | None = DEFAULT,
         quantize: bool = False,
+        backend: str = "torch",
     ):
+        if backend not in ("torch", "onnx"):
+            raise InputError(f"backend must be 'torch' or 'onnx', got {backend!r}")
+        if backend == "onnx" and (quantize or device != "cpu"):
+            raise InputError("the onnx backend runs fp32 on the CPU only")
         if batch_size < 1:
             raise InputError(f"batch_size must be >= 1, got {batch_size}")
         if threads is not None:
@@ -190,16 +282,18 @@ class TextEncoder:
                 hf_logging.enable_progress_bar()
         self.adapter = resolve_adapter(adapter)
         self._spec = FEATURE_SPEC_MINILM
+        self._context, self._context_tokens = 0, CONTEXT_TOKENS
         if self.adapter is not None:
             from peft import PeftModel
 
-            from model.finetune import feature_spec_for
+            from model.finetune import adapter_context, feature_spec_for
 
             with warnings.catch_warnings():  # peft asks transformers a deprecated question
                 warnings.filterwarnings("ignore", "`is_gradient_checkpointing`", FutureWarning)
                 peft_model = PeftModel.from_pretrained(self._model, self.adapter)
             self._model = peft_model.merge_and_unload()
             self._spec = feature_spec_for(self.adapter)
+            self._context, self._context_tokens = adapter_context(self.adapter)
         if quantize:
             self._model = torch.ao.quantization.quantize_dynamic(
                 self._model, {torch.nn.Linear}, dtype=torch.qint8
@@ -208,6 +302,10 @@ class TextEncoder:
         self._model.eval().to(self.device)
         self._dim = int(self._model.config.hidden_size)
         self._pad_id = int(self._tokenizer.pad_token_id or 0)
+        self.backend = backend
+        self._session: Any = None
+        if backend == "onnx":
+            self._session = _onnx_session(self._model, self._spec, threads)
 
     @property
     def dim(self) -> int:
@@ -217,18 +315,34 @@ class TextEncoder:
     @property
     def feature_spec(self) -> str:
         """The spec string these features carry: :data:`FEATURE_SPEC_MINILM`, or
-        ``minilm-l6-v2+lora-<fingerprint>`` with an adapter (``+int8`` if quantized)."""
+        ``minilm-l6-v2+lora-<fingerprint>`` with an adapter (``+ctx..`` if it reads
+        context, ``+int8`` if quantized)."""
         return self._spec
 
-    def encode(self, texts: Sequence[str], progress: bool = False) -> np.ndarray:
+    @property
+    def context(self) -> int:
+        """How many previous utterances of the call each text is read with (the adapter's
+        setting; 0: each text alone)."""
+        return self._context
+
+    def encode(
+        self,
+        texts: Sequence[str],
+        progress: bool = False,
+        contexts: Sequence[Sequence[str]] | None = None,
+    ) -> np.ndarray:
         """Encode texts into sentence vectors.
 
         Texts are tokenised once, sorted by token length so that each batch
         pads little, and the rows are put back in input order.
 
         Args:
-            texts: Utterance texts (any length; cut at 128 tokens).
+            texts: Utterance texts (any length; cut at 126 tokens).
             progress: Show a tqdm bar (unit "utt").
+            contexts: For an encoder that reads context (:attr:`context` > 0): the
+                previous texts of each text's call, oldest first (the last
+                :attr:`context` are read; fewer at the start of a call). Ignored
+                by a context-free encoder.
 
         Returns:
             float32 (N, 384), each row of unit L2 norm, row i for ``texts[i]``.
@@ -245,11 +359,24 @@ class TextEncoder:
         out = np.zeros((len(texts), self._dim), dtype=np.float32)
         if not texts:
             return out
-        ids: list[list[int]] = self._tokenizer(
-            texts, truncation=True, max_length=MAX_LENGTH_TOKENS, add_special_tokens=True
-        )["input_ids"]
+        cls_id = int(self._tokenizer.cls_token_id)
+        sep_id = int(self._tokenizer.sep_token_id)
+        plain = tokenize_plain(self._tokenizer, texts)
+        previous: list[list[list[int]]] = [[] for _ in texts]
+        if self._context and contexts is not None:
+            if len(contexts) != len(texts):
+                raise InputError(f"{len(contexts)} contexts for {len(texts)} texts")
+            for i, before in enumerate(contexts):
+                if isinstance(before, str) or not all(isinstance(t, str) for t in before):
+                    raise InputError(f"context {i} is not a sequence of texts")
+                recent = list(before)[-self._context :] if self._context else []
+                previous[i] = tokenize_plain(self._tokenizer, recent)
+        ids = [
+            with_context(cur, prev, cls_id, sep_id, self._context_tokens)
+            for cur, prev in zip(plain, previous, strict=True)
+        ]
         # Longest first: the first batch shows the worst-case memory at once.
-        order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
+        order = sorted(range(len(ids)), key=lambda i: -len(ids[i][0]))
         bar = None
         if progress:
             from tqdm import tqdm
@@ -267,24 +394,65 @@ class TextEncoder:
                 bar.close()
         return out
 
-    def _encode_ids(self, batch: list[list[int]]) -> np.ndarray:
-        width = max(len(seq) for seq in batch)
-        input_ids = torch.full((len(batch), width), self._pad_id, dtype=torch.long)  # (B, T)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)  # (B, T)
-        for row, seq in enumerate(batch):
-            input_ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
-            mask[row, : len(seq)] = 1
-        input_ids, mask = input_ids.to(self.device), mask.to(self.device)
-        hidden = self._model(
-            input_ids=input_ids,
-            attention_mask=mask,
-            token_type_ids=torch.zeros_like(input_ids),
-        ).last_hidden_state  # (B, T, d)
-        weights = mask.unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
-        pooled = (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1e-9)  # (B, d)
-        pooled = torch.nn.functional.normalize(pooled, p=2, dim=1)
+    def _encode_ids(self, batch: list[tuple[list[int], int]]) -> np.ndarray:
+        ids, mask, pool = pad_inputs(batch, self._pad_id)
+        if self._session is not None:
+            hidden = self._session.run(None, {"ids": ids.numpy(), "mask": mask.numpy()})[0]
+            weights = pool.numpy()[:, :, None].astype(np.float32)  # (B, T, 1)
+            summed = (hidden * weights).sum(axis=1) / np.maximum(weights.sum(axis=1), 1e-9)
+            norms = np.maximum(np.linalg.norm(summed, axis=1, keepdims=True), 1e-12)
+            return (summed / norms).astype(np.float32)  # (B, d)
+        pooled = pooled_vectors(
+            self._model, ids.to(self.device), mask.to(self.device), pool.to(self.device)
+        )
         result: np.ndarray = pooled.float().cpu().numpy()
         return result
+
+
+class _Hidden(torch.nn.Module):
+    """ids, mask -> last hidden states: the graph exported to ONNX."""
+
+    def __init__(self, model: Any) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, ids: Tensor, mask: Tensor) -> Tensor:
+        out: Tensor = self.model(
+            input_ids=ids, attention_mask=mask, token_type_ids=torch.zeros_like(ids)
+        ).last_hidden_state
+        return out
+
+
+def _onnx_session(model: Any, spec: str, threads: int | None) -> Any:
+    """An ONNX Runtime session of ``model``, exported once per feature spec into the cache."""
+    try:
+        import onnxruntime as ort
+    except ImportError as exc:
+        raise InputError("the onnx backend needs the package onnxruntime") from exc
+    path = default_cache_dir() / "onnx" / f"{spec}-{torch.__version__}.onnx"
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        example = (torch.tensor([[101, 7592, 102]]), torch.ones(1, 3, dtype=torch.long))
+        with warnings.catch_warnings():  # the tracer's notes on transformers' python branches
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                _Hidden(model).eval(),
+                example,
+                str(tmp),
+                input_names=["ids", "mask"],
+                output_names=["hidden"],
+                dynamic_axes={
+                    name: {0: "batch", 1: "tokens"} for name in ("ids", "mask", "hidden")
+                },
+                opset_version=17,
+                dynamo=False,
+            )
+        os.replace(tmp, path)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads or torch.get_num_threads()
+    options.inter_op_num_threads = 1
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
 def _file_sha256(path: Path) -> str:
@@ -358,7 +526,12 @@ def encode_transcripts(
     if encoder is None:
         encoder = TextEncoder(adapter=adapter)
     all_texts = [text for t in transcripts for text in t.texts]
-    features = encoder.encode(all_texts, progress=progress)  # (U, 384)
+    k = int(getattr(encoder, "context", 0))
+    if k:  # each utterance with the previous k of its dialogue (causal)
+        contexts = [list(t.texts[max(0, i - k) : i]) for t in transcripts for i in range(t.length)]
+        features = encoder.encode(all_texts, progress=progress, contexts=contexts)  # (U, 384)
+    else:
+        features = encoder.encode(all_texts, progress=progress)  # (U, 384)
     if features.shape != (len(all_texts), encoder.dim):
         raise InputError(
             f"encoder returned {features.shape} for {len(all_texts)} texts of width {encoder.dim}"

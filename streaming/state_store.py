@@ -5,6 +5,7 @@ atomically, also on Redis Cluster::
 
     {prefix}:{<conversation_id>}:state    hash: seq, model state parts, app state, ...
     {prefix}:{<conversation_id>}:events   list: the last K output events (JSON)
+    {prefix}:{<conversation_id>}:texts    sorted set: the featurizer's last texts, by seq
 
 A commit names the seq the writer believes is current; the script applies the
 write only if Redis agrees, and then sets the new seq, the changed fields and
@@ -214,6 +215,59 @@ class StateStore:
             args += [k, v]
         args += list(c.events)
         return args
+
+    def texts_key(self, conversation_id: str) -> str:
+        return f"{self.prefix}:{{{_tag(conversation_id)}}}:texts"
+
+    async def recent_texts(
+        self, conversation_ids: Iterable[str], keep: int
+    ) -> dict[str, list[tuple[int, str]]]:
+        """The last ``keep`` utterance texts of these conversations as (seq, text), oldest
+        first, in one round trip (the featurizer's causal context)."""
+        ids = list(dict.fromkeys(conversation_ids))
+        if not ids or keep < 1:
+            return {cid: [] for cid in ids}
+        async with self.client.pipeline(transaction=False) as pipe:
+            for cid in ids:
+                pipe.zrange(self.texts_key(cid), -keep, -1)
+            rows = await pipe.execute()
+        out: dict[str, list[tuple[int, str]]] = {}
+        for cid, members in zip(ids, rows, strict=True):
+            texts = []
+            for member in members:
+                seq, _, text = member.decode("utf-8").partition(":")
+                texts.append((int(seq), text))
+            out[cid] = texts
+        return out
+
+    async def remember_texts(
+        self, texts: Sequence[tuple[str, int, str]], keep: int, ttl_s: int
+    ) -> None:
+        """Add (conversation id, seq, text) to the conversations' recent texts, keep the
+        last ``keep`` by seq and refresh the TTL, in one round trip. Idempotent: a
+        re-sent utterance replaces itself."""
+        if not texts or keep < 1:
+            return
+        async with self.client.pipeline(transaction=False) as pipe:
+            for cid, seq, text in texts:
+                key = self.texts_key(cid)
+                pipe.zremrangebyscore(key, seq, seq)
+                pipe.zadd(key, {f"{seq}:{text}".encode(): seq})
+            for cid in dict.fromkeys(cid for cid, _, _ in texts):
+                key = self.texts_key(cid)
+                pipe.zremrangebyrank(key, 0, -keep - 1)
+                pipe.expire(key, ttl_s)
+            await pipe.execute()
+
+    async def forget_texts(self, conversation_ids: Iterable[str], ttl_s: int) -> None:
+        """Let ended conversations' recent texts expire after ``ttl_s``."""
+        ids = list(dict.fromkeys(conversation_ids))
+        if not ids:
+            return
+        async with self.client.pipeline(transaction=False) as pipe:
+            for cid in ids:
+                pipe.expire(self.texts_key(cid), ttl_s)
+            await pipe.execute()
 
     async def delete(self, conversation_id: str) -> None:
         await self.client.delete(self.state_key(conversation_id), self.events_key(conversation_id))

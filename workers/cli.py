@@ -90,6 +90,8 @@ def cmd_finetune_encoder(args: argparse.Namespace) -> int:
         lr=args.lr,
         rank=args.rank,
         seed=args.seed,
+        context=args.context,
+        context_tokens=args.context_tokens,
     )
     result = finetune_encoder(
         _transcript_path(args.data),
@@ -103,7 +105,8 @@ def cmd_finetune_encoder(args: argparse.Namespace) -> int:
         f"adapter {result.feature_spec} in {result.out_dir}: best epoch {result.best_epoch + 1}, "
         f"valid wF1 {result.valid.weighted_f1:.2f}"
         + (f", test wF1 {result.test.weighted_f1:.2f}" if result.test else "")
-        + " (linear head on the sentence vectors, no context)"
+        + " (linear head on the sentence vectors"
+        + (f", {result.context} previous utterances)" if result.context else ", no context)")
     )
     return 0
 
@@ -319,6 +322,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int)
     p.add_argument("--lr", type=float, help="LoRA learning rate (default 1e-3)")
     p.add_argument("--rank", type=int, help="LoRA rank (default 16)")
+    p.add_argument(
+        "--context",
+        type=int,
+        help="previous utterances of the call read with each one (default 0: none; causal)",
+    )
+    p.add_argument("--context-tokens", type=int, help="token budget of that context (default 64)")
     p.add_argument("--seed", type=int)
     p.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")

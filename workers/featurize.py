@@ -20,6 +20,18 @@ when present, must be 1. Anything else goes to ``utterance-text.dlq`` as a
 Delivery is at least once: offsets are committed after the batch's events are
 acknowledged, so a crash re-encodes the uncommitted tail. The workers treat a
 repeated seq as a duplicate, so that is harmless.
+
+An encoder that reads causal context (an adapter fine-tuned with ``--context K``)
+needs each call's previous K texts. They live in Redis, next to the call's model
+state (``{prefix}:{<conversation_id>}:texts``, the last K by seq, with the state's
+TTL), so any featurizer of the group can take a call over after a rebalance or a
+crash. A batch reads them before encoding (earlier utterances of the same batch are
+added in order; only seqs below an utterance's own are its context) and writes its
+own texts after its events are acknowledged, before the offsets are committed: a
+replay after a crash sees the same context as the first pass did for every event
+the workers have not yet seen. While Redis is unreachable the featurizer waits and
+retries (nothing is produced without its context, nothing is lost). A context-free
+encoder needs no Redis.
 """
 
 from __future__ import annotations
@@ -54,6 +66,7 @@ from streaming.events import (
     utterance_event,
 )
 from streaming.settings import Settings
+from streaming.state_store import StateStore
 from streaming.topics import next_offsets
 
 if TYPE_CHECKING:
@@ -200,6 +213,7 @@ async def featurize(
     group_id: str = GROUP_ID,
     max_batch_messages: int = MAX_BATCH_MESSAGES,
     max_wait_ms: int = MAX_WAIT_MS,
+    store: StateStore | None = None,
 ) -> FeaturizeStats:
     """Turn ``utterance-text`` into ``utterance-features`` until ``stop`` is set.
 
@@ -212,6 +226,8 @@ async def featurize(
         group_id: the consumer group; featurizers scale out by sharing it.
         max_batch_messages: most messages encoded in one batch.
         max_wait_ms: longest wait for a batch to fill once its first message is in.
+        store: where calls' recent texts live for an encoder that reads context
+            (default: a store on ``settings.redis_url``; unused without context).
 
     Returns:
         Counts of what was produced.
@@ -238,25 +254,43 @@ async def featurize(
         max_poll_interval_ms=settings.max_poll_interval_ms,
     )
     stats = FeaturizeStats()
+    context = int(getattr(encoder, "context", 0))
+    own_store = None
+    if context and store is None:
+        store = own_store = StateStore.connect(
+            settings.redis_url, cluster=settings.redis_cluster, prefix=settings.key_prefix
+        )
     try:
         if not await _start(producer, stop) or not await _start(consumer, stop):
             return stats
         consumer.subscribe([settings.text_topic])
         log.info(
-            "featurizer up: %s -> %s (group %s, %s)",
+            "featurizer up: %s -> %s (group %s, %s%s)",
             settings.text_topic,
             settings.input_topic,
             group_id,
             encoder.feature_spec,
+            f", {context} previous texts per call from Redis" if context else "",
         )
         while not stop.is_set():
             records = await _poll(consumer, max_batch_messages, max_wait_ms)
             if not records:
                 continue
             batch = _Batch(records, [_validate(r, settings.max_message_bytes) for r in records])
-            events = await _encode(batch, encoder, settings, executor)
+            contexts = None
+            if context and store is not None:
+                contexts = await _contexts(batch, store, context, stop)
+                if contexts is None:
+                    break  # stopped while Redis was down: nothing produced, re-read later
+            events = await _encode(batch, encoder, settings, executor, contexts)
             if not await _produce(producer, events, stop):
                 break  # stopped while Kafka was down: nothing committed, re-read later
+            if (
+                context
+                and store is not None
+                and not await _remember(batch, store, context, settings, stop)
+            ):
+                break  # produced, not committed: re-read later, duplicates dropped
             await _commit(consumer, records)
             stats.batches += 1
             stats.utterances += sum(isinstance(p, TextUtterance) for p in batch.parsed)
@@ -267,6 +301,9 @@ async def featurize(
             await consumer.stop()
         with contextlib.suppress(Exception):
             await producer.stop()
+        if own_store is not None:
+            with contextlib.suppress(Exception):
+                await own_store.close()
         executor.shutdown(wait=False)
         log.info(
             "featurizer stopped: %d utterances, %d ends, %d dead letters",
@@ -325,13 +362,74 @@ def _validate(record: ConsumerRecord, max_bytes: int) -> TextUtterance | TextEnd
         return bad
 
 
+async def _retry_redis(what: str, call: Any, stop: asyncio.Event) -> tuple[bool, Any]:
+    """(True, result) of ``await call()``, retried with backoff while Redis is
+    unreachable; (False, None) when ``stop`` is set first."""
+    from redis.exceptions import RedisError
+
+    delay = 0.2
+    while not stop.is_set():
+        try:
+            return True, await call()
+        except (RedisError, OSError) as exc:
+            log.warning("redis unavailable for %s (%s); retrying in %.1fs", what, exc, delay)
+            await _sleep_unless(stop, delay)
+            delay = min(delay * 2, 5.0)
+    return False, None
+
+
+async def _contexts(
+    batch: _Batch, store: StateStore, k: int, stop: asyncio.Event
+) -> list[list[str]] | None:
+    """Each utterance's previous ``k`` texts of its call (stored ones, then the batch's
+    own earlier ones), oldest first; None when stopped while Redis was down."""
+    utterances = [p for p in batch.parsed if isinstance(p, TextUtterance)]
+    ids = [u.conversation_id for u in utterances]
+    ok, stored = await _retry_redis("call context", lambda: store.recent_texts(ids, k), stop)
+    if not ok:
+        return None
+    history: dict[str, dict[int, str]] = {cid: dict(items) for cid, items in stored.items()}
+    out = []
+    for u in utterances:
+        seen = history.setdefault(u.conversation_id, {})
+        out.append([seen[seq] for seq in sorted(seen) if seq < u.seq][-k:])
+        seen[u.seq] = u.text
+    return out
+
+
+async def _remember(
+    batch: _Batch, store: StateStore, k: int, settings: Settings, stop: asyncio.Event
+) -> bool:
+    """Store the batch's texts as their calls' context; ended calls' texts expire soon."""
+    texts = [
+        (p.conversation_id, p.seq, p.text) for p in batch.parsed if isinstance(p, TextUtterance)
+    ]
+    ended = [p.conversation_id for p in batch.parsed if isinstance(p, TextEnd)]
+
+    async def write() -> None:
+        await store.remember_texts(texts, k, settings.state_ttl_s)
+        await store.forget_texts(ended, settings.ended_ttl_s)
+
+    ok, _ = await _retry_redis("call context", write, stop)
+    return ok
+
+
 async def _encode(
-    batch: _Batch, encoder: SentenceEncoder, settings: Settings, executor: ThreadPoolExecutor
+    batch: _Batch,
+    encoder: SentenceEncoder,
+    settings: Settings,
+    executor: ThreadPoolExecutor,
+    contexts: list[list[str]] | None = None,
 ) -> list[tuple[str | None, bytes, str]]:
     """The batch's output messages as (key, value, topic), in input order."""
     texts = [p.text for p in batch.parsed if isinstance(p, TextUtterance)]
     loop = asyncio.get_running_loop()
-    vectors = await loop.run_in_executor(executor, encoder.encode, texts)  # (N, 384)
+    if contexts is None:
+        vectors = await loop.run_in_executor(executor, encoder.encode, texts)  # (N, 384)
+    else:
+        vectors = await loop.run_in_executor(
+            executor, lambda: encoder.encode(texts, contexts=contexts)
+        )  # (N, 384)
     dlq = text_dlq_topic(settings)
     out: list[tuple[str | None, bytes, str]] = []
     row = 0

@@ -3,6 +3,7 @@ card, the adapter round trip through TextEncoder, resuming, and its feature spec
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 from pathlib import Path
@@ -10,7 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from model.encoder import FEATURE_SPEC_MINILM, TextEncoder, encode_transcripts
+from model.data import read_transcripts
+from model.encoder import FEATURE_SPEC_MINILM, TextEncoder, encode_transcripts, with_context
 from model.errors import ConfigError, InputError
 from model.finetune import (
     ADAPTER_WEIGHTS,
@@ -120,11 +122,57 @@ def test_an_interrupted_run_resumes(tmp_path: Path):
     assert [h["epoch"] for h in result.history] == [0, 1]
 
 
+def test_an_adapter_with_context_reads_earlier_utterances_only(tmp_path: Path):
+    """``context=2``: its own feature spec, and each utterance's vector depends on the
+    previous two of its call, never on a later one (causal)."""
+    data = _transcripts(tmp_path / "calls.jsonl", seed=7)
+    out = tmp_path / "ctx"
+    cfg = dataclasses.replace(TINY, epochs=1, context=2)
+    result = finetune_encoder(
+        data, out, cfg, label_field="mood", progress=False, log=lambda *_: None
+    )
+    spec = SPEC_PREFIX + adapter_fingerprint(out) + "+ctx2x64"
+    assert result.feature_spec == feature_spec_for(out) == spec
+    assert json.loads((out / CARD).read_text())["feature_spec"] == spec
+    encoder = TextEncoder(adapter=out, batch_size=4)
+    assert encoder.context == 2 and encoder.feature_spec == spec
+
+    fs = encode_transcripts(data, tmp_path / "f.npz", "mood", progress=False, encoder=encoder)
+    assert fs.feature_spec == spec
+    texts = list(read_transcripts(data, label_field="mood")[0].texts)
+
+    def encoded(lines: list[str]) -> np.ndarray:
+        return encoder.encode(lines, contexts=[lines[max(0, i - 2) : i] for i in range(len(lines))])
+
+    want = encoded(texts)
+    assert fs.dialogues[0].text is not None
+    np.testing.assert_allclose(fs.dialogues[0].text, want, atol=1e-5)
+    changed = [*texts[:3], "a completely different remark", *texts[4:]]
+    again = encoded(changed)
+    np.testing.assert_allclose(again[:3], want[:3], atol=1e-6)  # the past does not move
+    for i in (3, 4, 5):  # the changed one and the two that read it as context
+        assert not np.allclose(again[i], want[i], atol=1e-4), i
+    alone = encoder.encode(texts)
+    np.testing.assert_allclose(alone[0], want[0], atol=1e-5)  # nothing before the first
+    assert not np.allclose(alone[1:], want[1:], atol=1e-4)
+
+
+def test_with_context_keeps_the_nearest_texts_within_the_budget():
+    cls, sep = 101, 102
+    assert with_context([7, 8], [], cls, sep) == ([cls, 7, 8, sep], 0)
+    ids, n = with_context([7], [[1, 2, 3], [4, 5]], cls, sep, context_tokens=64)
+    assert (ids, n) == ([cls, 1, 2, 3, sep, 4, 5, sep, 7, sep], 7)
+    ids, n = with_context([7], [[1, 2, 3], [4, 5]], cls, sep, context_tokens=5)
+    assert (ids, n) == ([cls, 3, sep, 4, 5, sep, 7, sep], 5)  # the oldest cut at the front
+
+
 def test_bad_adapter_paths_and_settings_are_refused(tmp_path: Path):
     with pytest.raises(InputError):
         TextEncoder(adapter=tmp_path)
     with pytest.raises(ConfigError):
         FinetuneConfig(rank=0)
+    with pytest.raises(ConfigError):
+        FinetuneConfig(context=-1)
 
 
 def test_cli_finetune_then_train_and_eval_on_an_untuned_label_set(

@@ -11,6 +11,7 @@ import asyncio
 import io
 import json
 import os
+import shutil
 import time
 import uuid
 from collections.abc import Iterator
@@ -18,12 +19,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import redis
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.structs import ConsumerRecord
 
 from model.data import TranscriptDialogue, read_transcripts
-from model.encoder import TextEncoder, default_feature_spec
-from streaming.embedded import EmbeddedKafka
+from model.encoder import DEFAULT_ADAPTER, TextEncoder, default_feature_spec
+from streaming.embedded import EmbeddedKafka, EmbeddedRedis
 from streaming.events import (
     AlertEvent,
     DeadLetter,
@@ -330,6 +332,74 @@ async def test_featurize_encodes_text_forwards_ends_and_dead_letters_bad_input(
     assert letter.reason == DeadLetterReason.BAD_SEQ
     assert letter.conversation_id == "c-1" and letter.source.topic == settings.text_topic
     assert letters[0].key == b"c-1"
+
+
+def _context_encoder(folder: Path, context: int) -> TextEncoder:
+    """The shipped adapter's weights with a card that says "read the previous
+    ``context`` texts": an encoder with causal context, without a fine-tune."""
+    shutil.copytree(DEFAULT_ADAPTER, folder)
+    card = json.loads((folder / "card.json").read_text())
+    card["config"]["context"] = context
+    (folder / "card.json").write_text(json.dumps(card))
+    return TextEncoder(adapter=folder, batch_size=8)
+
+
+async def test_featurize_reads_each_calls_previous_texts_from_redis(
+    settings: Settings, tmp_path: Path, redis_server: EmbeddedRedis, unique: str
+) -> None:
+    """An encoder with causal context: each utterance is encoded with its call's
+    previous texts, also across a featurizer restart (they live in Redis), never with
+    a later one; an ended call's texts expire soon."""
+    encoder = _context_encoder(tmp_path / "ctx-adapter", 2)
+    assert encoder.context == 2 and encoder.feature_spec.endswith("+ctx2x64")
+    settings = settings.model_copy(
+        update={"redis_url": redis_server.url, "key_prefix": unique, "ended_ttl_s": 30}
+    )
+    await _topics(settings, settings.text_topic, settings.input_topic, text_dlq_topic(settings))
+    calls = {
+        "c-1": ["I want to cancel.", "Why is that?", "Because it never works!", "Fine.", "Bye."],
+        "c-2": ["Hello?", "Great, thanks a lot!"],
+    }
+    first = [("c-1", 0), ("c-1", 1), ("c-2", 0), ("c-1", 2)]
+    second = [("c-1", 3), ("c-2", 1), ("c-1", 4)]
+
+    async def run(part: list[tuple[str, int]], extra: list[tuple[str, bytes]], n: int) -> None:
+        messages = [(c, text_message(c, i, f"s{i % 2}", calls[c][i])) for c, i in part]
+        await _produce(settings, settings.text_topic, messages + extra)
+        stop = asyncio.Event()
+        task = asyncio.create_task(featurize(settings, stop, encoder))
+        try:
+            await _read(settings, settings.input_topic, n)
+        finally:
+            stop.set()
+            await asyncio.wait_for(task, WAIT_S)
+
+    await run(first, [], 4)
+    await run(second, [("c-1", text_end_message("c-1", 5))], 8)  # a fresh featurizer
+
+    expect = Expectations(feature_spec=encoder.feature_spec, dims=EXPECT.dims)
+    records = await _read(settings, settings.input_topic, 8)
+    got = {}
+    for r in records:
+        parsed = parse_input(r.value, expect)
+        if isinstance(parsed, ParsedUtterance):
+            got[(parsed.event.conversation_id, parsed.seq)] = parsed.vectors["text"]
+    for cid, texts in calls.items():
+        contexts = [texts[max(0, i - 2) : i] for i in range(len(texts))]
+        want = encoder.encode(texts, contexts=contexts)
+        alone = encoder.encode(texts)
+        vectors = np.stack([got[(cid, i)] for i in range(len(texts))])
+        np.testing.assert_allclose(vectors, want, atol=1e-5, err_msg=cid)
+        assert np.allclose(vectors[0], alone[0], atol=1e-5)  # a call's start has no context
+        assert not np.allclose(vectors[1:], alone[1:], atol=1e-3)  # the context was read
+    client = redis.Redis.from_url(redis_server.url)
+    try:
+        key = f"{unique}:{{c-1}}:texts"
+        assert 0 < client.ttl(key) <= 30  # ended: expires with ended_ttl_s
+        assert client.zcard(key) == 2  # only the last `context` texts are kept
+        assert client.ttl(f"{unique}:{{c-2}}:texts") > 30
+    finally:
+        client.close()
 
 
 # ------------------------------------------------------------------ tail
