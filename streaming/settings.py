@@ -9,6 +9,7 @@ and ``CFNESA_REDIS_URL=redis://redis:6379/0``. docs/operations.md lists them all
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -76,6 +77,11 @@ class Settings(BaseSettings):
     )
     include_text: bool = Field(default=False, description="copy transcripts into emotion events")
     torch_threads: int = Field(default=0, ge=0, description="0: torch's default")
+    encoder_backend: Literal["torch", "onnx"] = Field(
+        default="torch",
+        description="the featurizer's text encoder runtime: torch, or onnx (ONNX Runtime, "
+        "same vectors; needs the onnx extra)",
+    )
 
     # --- operations
     metrics_host: str = "127.0.0.1"

@@ -235,7 +235,9 @@ async def featurize(
     loop = asyncio.get_running_loop()
     executor = ThreadPoolExecutor(1, thread_name_prefix="cfnesa-featurize")
     if encoder is None:
-        encoder = await loop.run_in_executor(executor, _load_encoder, settings.torch_threads)
+        encoder = await loop.run_in_executor(
+            executor, _load_encoder, settings.torch_threads, settings.encoder_backend
+        )
     servers = settings.bootstrap_servers()
     producer = AIOKafkaProducer(
         bootstrap_servers=servers,
@@ -314,10 +316,10 @@ async def featurize(
     return stats
 
 
-def _load_encoder(threads: int) -> SentenceEncoder:
+def _load_encoder(threads: int, backend: str = "torch") -> SentenceEncoder:
     from model.encoder import TextEncoder
 
-    return TextEncoder(threads=threads or None)
+    return TextEncoder(threads=threads or None, backend=backend)
 
 
 async def _start(client: AIOKafkaProducer | AIOKafkaConsumer, stop: asyncio.Event) -> bool:

@@ -174,3 +174,22 @@ def test_real_minilm_encoder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
     again_with_encoder = encode_transcripts(path, encoder=enc, progress=False)
     for other in (again, again_with_encoder):
         np.testing.assert_array_equal(other.dialogues[0].text, fs.dialogues[0].text)
+
+
+def test_the_onnx_backend_gives_the_same_vectors(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The shipped encoder exported to ONNX and run by ONNX Runtime: same vectors and
+    feature spec as torch's, with and without context; the export is cached."""
+    pytest.importorskip("onnxruntime")
+    monkeypatch.setenv("CFNESA_CACHE_DIR", str(tmp_path / "cache"))
+    torch_enc = TextEncoder(batch_size=4)
+    onnx_enc = TextEncoder(batch_size=4, backend="onnx")
+    assert onnx_enc.feature_spec == torch_enc.feature_spec
+    assert len(list((tmp_path / "cache" / "onnx").glob("*.onnx"))) == 1
+    texts = ["Hi.", "Why would you do that to me?", "word " * 200, "Thanks, bye!", ""]
+    np.testing.assert_allclose(onnx_enc.encode(texts), torch_enc.encode(texts), atol=1e-5)
+    with pytest.raises(InputError):
+        TextEncoder(backend="onnx", quantize=True)
+    with pytest.raises(InputError):
+        TextEncoder(backend="tensorrt")

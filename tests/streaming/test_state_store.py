@@ -269,3 +269,20 @@ async def test_prefixes_isolate_stores(store: StateStore, unique):
 
 async def test_ping(store: StateStore):
     assert await store.ping() is True
+
+
+async def test_recent_texts_keep_the_last_k_by_seq_and_expire(store: StateStore):
+    """The featurizer's call context: the last k texts by seq (not by arrival), a
+    re-sent seq replaces itself, one round trip for many calls, TTLs set."""
+    assert await store.recent_texts(["a", "b"], 3) == {"a": [], "b": []}
+    await store.remember_texts(
+        [("a", 1, "one"), ("a", 0, "zero: with a colon"), ("b", 0, "ünï")], 3, 60
+    )
+    await store.remember_texts([("a", 3, "three"), ("a", 2, "two"), ("a", 3, "three")], 3, 60)
+    got = await store.recent_texts(["a", "b", "c"], 3)
+    assert got == {"a": [(1, "one"), (2, "two"), (3, "three")], "b": [(0, "ünï")], "c": []}
+    assert await store.recent_texts(["a"], 1) == {"a": [(3, "three")]}
+    assert 0 < await store.client.ttl(store.texts_key("a")) <= 60
+    assert await store.client.zcard(store.texts_key("a")) == 3  # trimmed to k
+    await store.forget_texts(["a"], 5)
+    assert 0 < await store.client.ttl(store.texts_key("a")) <= 5
