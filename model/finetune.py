@@ -226,8 +226,16 @@ def _lora_model(cfg: FinetuneConfig) -> tuple[Any, Any]:
     from model.encoder import minilm_model_dir
 
     path = minilm_model_dir()
+    from transformers.utils import logging as hf_logging
+
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    base = AutoModel.from_pretrained(path, local_files_only=True)
+    bar_was_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # transformers' "Loading weights" bar: not ours to draw
+    try:
+        base = AutoModel.from_pretrained(path, local_files_only=True)
+    finally:
+        if bar_was_on:
+            hf_logging.enable_progress_bar()
     lora = LoraConfig(
         r=cfg.rank,
         lora_alpha=cfg.alpha,
