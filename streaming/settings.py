@@ -77,6 +77,12 @@ class Settings(BaseSettings):
     )
     include_text: bool = Field(default=False, description="copy transcripts into emotion events")
     torch_threads: int = Field(default=0, ge=0, description="0: torch's default")
+    encoder_adapter: str = Field(
+        default="",
+        description="the featurizer's encoder adapter folder (cfnesa finetune-encoder); "
+        "empty: the shipped one; none: plain MiniLM. Must make the features the workers' "
+        "checkpoint was trained on",
+    )
     encoder_backend: Literal["torch", "onnx"] = Field(
         default="torch",
         description="the featurizer's text encoder runtime: torch, or onnx (ONNX Runtime, "

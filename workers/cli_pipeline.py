@@ -58,6 +58,11 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     p.add_argument("--group", default="cfnesa-featurizers", help="consumer group")
     p.add_argument("--max-batch", type=_positive_int, default=64, help="messages per batch")
     p.add_argument("--max-wait-ms", type=int, default=20, help="longest wait for a batch")
+    p.add_argument(
+        "--adapter",
+        help="encoder adapter folder, or none for plain MiniLM (default: CFNESA_ENCODER_ADAPTER, "
+        "else the shipped adapter)",
+    )
     p.set_defaults(func=cmd_featurize)
 
     p = sub.add_parser("tail", help="print emotion events as they flow")
@@ -187,6 +192,8 @@ def cmd_featurize(args: argparse.Namespace) -> int:
     from workers.featurize import featurize
 
     settings = _settings(args)
+    if args.adapter:
+        settings = settings.model_copy(update={"encoder_adapter": args.adapter})
 
     async def main(stop: asyncio.Event) -> None:
         await featurize(

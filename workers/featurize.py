@@ -236,7 +236,11 @@ async def featurize(
     executor = ThreadPoolExecutor(1, thread_name_prefix="cfnesa-featurize")
     if encoder is None:
         encoder = await loop.run_in_executor(
-            executor, _load_encoder, settings.torch_threads, settings.encoder_backend
+            executor,
+            _load_encoder,
+            settings.torch_threads,
+            settings.encoder_backend,
+            settings.encoder_adapter,
         )
     servers = settings.bootstrap_servers()
     producer = AIOKafkaProducer(
@@ -316,10 +320,10 @@ async def featurize(
     return stats
 
 
-def _load_encoder(threads: int, backend: str = "torch") -> SentenceEncoder:
-    from model.encoder import TextEncoder
+def _load_encoder(threads: int, backend: str = "torch", adapter: str = "") -> SentenceEncoder:
+    from model.encoder import DEFAULT, TextEncoder
 
-    return TextEncoder(threads=threads or None, backend=backend)
+    return TextEncoder(threads=threads or None, backend=backend, adapter=adapter or DEFAULT)
 
 
 async def _start(client: AIOKafkaProducer | AIOKafkaConsumer, stop: asyncio.Event) -> bool:

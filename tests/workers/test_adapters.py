@@ -559,3 +559,13 @@ def test_tail_shows_the_transcript_when_events_carry_it():
     assert line.endswith('"' + "x" * 69 + '…"')
     bare = format_event(event.model_copy(update={"text": None}), color=False)
     assert '"' not in bare
+
+
+def test_the_featurizer_loads_the_adapter_its_settings_name(tmp_path: Path) -> None:
+    from model.encoder import FEATURE_SPEC_MINILM
+    from workers.featurize import _load_encoder
+
+    assert _load_encoder(1, "torch", "none").feature_spec == FEATURE_SPEC_MINILM
+    assert _load_encoder(1, "torch", "").feature_spec == default_feature_spec()
+    with pytest.raises(Exception, match="not an encoder adapter"):
+        _load_encoder(1, "torch", str(tmp_path))
