@@ -65,20 +65,21 @@ def resolve_adapter(adapter: str | os.PathLike[str] | _Default | None) -> Path |
 
 
 def adapter_for_spec(spec: str) -> Path | None:
-    """The encoder that makes features of ``spec``: None for plain MiniLM, the shipped
-    adapter when its fingerprint matches.
+    """The encoder that makes features of ``spec``: None for plain MiniLM, else the
+    installed adapter (``model/adapters/*``, the default first) whose spec it is.
 
     Raises:
         InputError: No installed encoder makes such features (name the adapter folder).
     """
     if spec == FEATURE_SPEC_MINILM:
         return None
-    shipped = resolve_adapter(DEFAULT)
-    if shipped is not None:
-        from model.finetune import feature_spec_for
+    from model.finetune import feature_spec_for
 
-        if feature_spec_for(shipped) == spec:
-            return shipped
+    shipped = resolve_adapter(DEFAULT)
+    others = sorted(p.parent for p in DEFAULT_ADAPTER.parent.glob("*/adapter_config.json"))
+    for folder in ([shipped] if shipped else []) + [p for p in others if p != shipped]:
+        if feature_spec_for(folder) == spec:
+            return folder
     raise InputError(
         f"no installed encoder makes {spec!r} features; pass the adapter folder that does"
     )
