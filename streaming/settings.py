@@ -80,8 +80,8 @@ class Settings(BaseSettings):
     encoder_adapter: str = Field(
         default="",
         description="the featurizer's encoder adapter folder (cfnesa finetune-encoder); "
-        "empty: the shipped one; none: plain MiniLM. Must make the features the workers' "
-        "checkpoint was trained on",
+        "none: plain MiniLM; empty: the installed adapter that makes the features of "
+        "`checkpoint` when one is set, else the shipped adapter",
     )
     encoder_backend: Literal["torch", "onnx"] = Field(
         default="torch",

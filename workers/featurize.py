@@ -44,6 +44,7 @@ import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
@@ -241,6 +242,7 @@ async def featurize(
             settings.torch_threads,
             settings.encoder_backend,
             settings.encoder_adapter,
+            settings.checkpoint,
         )
     servers = settings.bootstrap_servers()
     producer = AIOKafkaProducer(
@@ -320,10 +322,20 @@ async def featurize(
     return stats
 
 
-def _load_encoder(threads: int, backend: str = "torch", adapter: str = "") -> SentenceEncoder:
-    from model.encoder import DEFAULT, TextEncoder
+def _load_encoder(
+    threads: int, backend: str = "torch", adapter: str = "", checkpoint: Path | None = None
+) -> SentenceEncoder:
+    """The encoder ``adapter`` names; unnamed: the one that makes the features of the
+    workers' ``checkpoint`` (an installed adapter), else the shipped one."""
+    from model.encoder import DEFAULT, TextEncoder, adapter_for_spec
 
-    return TextEncoder(threads=threads or None, backend=backend, adapter=adapter or DEFAULT)
+    chosen: Any = adapter or DEFAULT
+    if not adapter and checkpoint is not None:
+        from model.config import ModelConfig
+
+        config = ModelConfig.from_json((Path(checkpoint) / "config.json").read_text())
+        chosen = adapter_for_spec(config.feature_spec) or "none"
+    return TextEncoder(threads=threads or None, backend=backend, adapter=chosen)
 
 
 async def _start(client: AIOKafkaProducer | AIOKafkaConsumer, stop: asyncio.Event) -> bool:

@@ -569,3 +569,23 @@ def test_the_featurizer_loads_the_adapter_its_settings_name(tmp_path: Path) -> N
     assert _load_encoder(1, "torch", "").feature_spec == default_feature_spec()
     with pytest.raises(Exception, match="not an encoder adapter"):
         _load_encoder(1, "torch", str(tmp_path))
+
+
+def test_the_featurizer_picks_the_adapter_of_the_workers_checkpoint(tmp_path: Path) -> None:
+    """No adapter named: the encoder whose features the checkpoint was trained on."""
+    from model.checkpoint import DEFAULT_CHECKPOINT
+    from model.encoder import FEATURE_SPEC_MINILM
+    from workers.featurize import _load_encoder
+
+    shipped = _load_encoder(1, "torch", "", DEFAULT_CHECKPOINT)
+    assert shipped.feature_spec == default_feature_spec()
+    plain = tmp_path / "plain-checkpoint"
+    shutil.copytree(DEFAULT_CHECKPOINT, plain)
+    config = json.loads((plain / "config.json").read_text())
+    config["feature_spec"] = FEATURE_SPEC_MINILM
+    (plain / "config.json").write_text(json.dumps(config))
+    assert _load_encoder(1, "torch", "", plain).feature_spec == FEATURE_SPEC_MINILM
+    config["feature_spec"] = "minilm-l6-v2+lora-0000000000000000"  # nothing installed makes it
+    (plain / "config.json").write_text(json.dumps(config))
+    with pytest.raises(Exception, match="no installed encoder"):
+        _load_encoder(1, "torch", "", plain)
