@@ -17,11 +17,11 @@ $(STAMP): pyproject.toml
 	$(PIP) install --quiet --upgrade pip
 	# the CPU build of torch first, pinned: an unpinned torch pulls a multi-GB CUDA build
 	$(PIP) install --quiet $(TORCH)
-	$(PIP) install --quiet -e '.[test,lint,onnx]'
+	$(PIP) install --quiet -e '.[test,lint]'
 	touch $(STAMP)
 
 .PHONY: venv
-venv: $(STAMP) ## create .venv and install the project with its test, lint and onnx extras
+venv: $(STAMP) ## create .venv and install the project with its test and lint extras
 
 .PHONY: test
 test: $(STAMP) ## run the test suite

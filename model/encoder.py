@@ -307,6 +307,7 @@ class TextEncoder:
         self._session: Any = None
         if backend == "onnx":
             self._session = _onnx_session(self._model, self._spec, threads)
+            self._model = None  # the session has the weights; free torch's copy
 
     @property
     def dim(self) -> int:
@@ -432,7 +433,12 @@ def _onnx_session(model: Any, spec: str, threads: int | None) -> Any:
         raise InputError("the onnx backend needs the package onnxruntime") from exc
     path = default_cache_dir() / "onnx" / f"{spec}-{torch.__version__}.onnx"
     if not path.is_file():
-        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError:  # a read-only home: export for this process only
+            import tempfile
+
+            path = Path(tempfile.mkdtemp(prefix="cfnesa-onnx-")) / path.name
         tmp = path.with_suffix(f".{os.getpid()}.tmp")
         example = (torch.tensor([[101, 7592, 102]]), torch.ones(1, 3, dtype=torch.long))
         with warnings.catch_warnings():  # the tracer's notes on transformers' python branches

@@ -83,10 +83,10 @@ class Settings(BaseSettings):
         "none: plain MiniLM; empty: the installed adapter that makes the features of "
         "`checkpoint` when one is set, else the shipped adapter",
     )
-    encoder_backend: Literal["torch", "onnx"] = Field(
-        default="torch",
-        description="the featurizer's text encoder runtime: torch, or onnx (ONNX Runtime, "
-        "same vectors; needs the onnx extra)",
+    encoder_backend: Literal["onnx", "torch"] = Field(
+        default="onnx",
+        description="the featurizer's text encoder runtime: onnx (ONNX Runtime; exported "
+        "once into the cache folder) or torch; the same vectors either way",
     )
 
     # --- operations
