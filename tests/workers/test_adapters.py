@@ -25,7 +25,7 @@ from aiokafka.structs import ConsumerRecord
 
 from model.data import TranscriptDialogue, read_transcripts
 from model.encoder import DEFAULT_ADAPTER, TextEncoder, default_feature_spec
-from streaming.embedded import EmbeddedKafka, EmbeddedRedis
+from streaming.embedded import EmbeddedKafka
 from streaming.events import (
     AlertEvent,
     DeadLetter,
@@ -344,16 +344,27 @@ def _context_encoder(folder: Path, context: int) -> TextEncoder:
     return TextEncoder(adapter=folder, batch_size=8)
 
 
+@pytest.mark.parametrize("cluster", [False, True], ids=["redis", "cluster"])
 async def test_featurize_reads_each_calls_previous_texts_from_redis(
-    settings: Settings, tmp_path: Path, redis_server: EmbeddedRedis, unique: str
+    settings: Settings,
+    tmp_path: Path,
+    request: pytest.FixtureRequest,
+    unique: str,
+    cluster: bool,
 ) -> None:
     """An encoder with causal context: each utterance is encoded with its call's
-    previous texts, also across a featurizer restart (they live in Redis), never with
-    a later one; an ended call's texts expire soon."""
+    previous texts, also across a featurizer restart (they live in Redis or Redis
+    Cluster), never with a later one; an ended call's texts expire soon."""
+    server = request.getfixturevalue("redis_cluster" if cluster else "redis_server")
     encoder = _context_encoder(tmp_path / "ctx-adapter", 2)
     assert encoder.context == 2 and encoder.feature_spec.endswith("+ctx2x64")
     settings = settings.model_copy(
-        update={"redis_url": redis_server.url, "key_prefix": unique, "ended_ttl_s": 30}
+        update={
+            "redis_url": server.url,
+            "redis_cluster": cluster,
+            "key_prefix": unique,
+            "ended_ttl_s": 30,
+        }
     )
     await _topics(settings, settings.text_topic, settings.input_topic, text_dlq_topic(settings))
     calls = {
@@ -392,7 +403,7 @@ async def test_featurize_reads_each_calls_previous_texts_from_redis(
         np.testing.assert_allclose(vectors, want, atol=1e-5, err_msg=cid)
         assert np.allclose(vectors[0], alone[0], atol=1e-5)  # a call's start has no context
         assert not np.allclose(vectors[1:], alone[1:], atol=1e-3)  # the context was read
-    client = redis.Redis.from_url(redis_server.url)
+    client = (redis.RedisCluster if cluster else redis.Redis).from_url(server.url)
     try:
         key = f"{unique}:{{c-1}}:texts"
         assert 0 < client.ttl(key) <= 30  # ended: expires with ended_ttl_s
