@@ -224,6 +224,28 @@ def minilm_model_dir() -> Path:
     return path
 
 
+def load_minilm() -> tuple[Any, Any]:
+    """The bundled all-MiniLM-L6-v2 tokenizer and model, offline and quietly."""
+    # The hub is never wanted: set before transformers is first imported so
+    # that nothing (tokenizer extras, config lookups) tries the network.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import AutoModel, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    path = minilm_model_dir()
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    # transformers 5 draws a "Loading weights" bar on stderr; a library
+    # should not, so hide it for this load only.
+    bar_was_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        model = AutoModel.from_pretrained(path, local_files_only=True)
+    finally:
+        if bar_was_on:
+            hf_logging.enable_progress_bar()
+    return tokenizer, model
+
+
 class TextEncoder:
     """all-MiniLM-L6-v2 sentence encoder: texts -> unit-norm float32 (N, 384).
 
@@ -264,23 +286,7 @@ class TextEncoder:
             torch.set_num_threads(threads)
         self.batch_size = batch_size
         self.device = torch.device(device)
-        # The hub is never wanted: set before transformers is first imported so
-        # that nothing (tokenizer extras, config lookups) tries the network.
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        from transformers import AutoModel, AutoTokenizer
-        from transformers.utils import logging as hf_logging
-
-        path = minilm_model_dir()
-        self._tokenizer: Any = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        # transformers 5 draws a "Loading weights" bar on stderr; a library
-        # should not, so hide it for this load only.
-        bar_was_on = hf_logging.is_progress_bar_enabled()
-        hf_logging.disable_progress_bar()
-        try:
-            self._model: Any = AutoModel.from_pretrained(path, local_files_only=True)
-        finally:
-            if bar_was_on:
-                hf_logging.enable_progress_bar()
+        self._tokenizer, self._model = load_minilm()
         self.adapter = resolve_adapter(adapter)
         self._spec = FEATURE_SPEC_MINILM
         self._context, self._context_tokens = 0, CONTEXT_TOKENS
@@ -368,11 +374,17 @@ class TextEncoder:
         if self._context and contexts is not None:
             if len(contexts) != len(texts):
                 raise InputError(f"{len(contexts)} contexts for {len(texts)} texts")
+            recent: list[list[str]] = []
             for i, before in enumerate(contexts):
                 if isinstance(before, str) or not all(isinstance(t, str) for t in before):
                     raise InputError(f"context {i} is not a sequence of texts")
-                recent = list(before)[-self._context :] if self._context else []
-                previous[i] = tokenize_plain(self._tokenizer, recent)
+                recent.append(list(before)[-self._context :])
+            # one tokenizer call for every context text of the batch
+            flat = tokenize_plain(self._tokenizer, [t for texts_ in recent for t in texts_])
+            at = 0
+            for i, texts_ in enumerate(recent):
+                previous[i] = flat[at : at + len(texts_)]
+                at += len(texts_)
         ids = [
             with_context(cur, prev, cls_id, sep_id, self._context_tokens)
             for cur, prev in zip(plain, previous, strict=True)

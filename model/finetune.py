@@ -47,7 +47,7 @@ import torch
 from torch import Tensor
 
 from model.data import label_names_for, read_transcripts
-from model.encoder import pad_inputs
+from model.encoder import load_minilm, pad_inputs, pooled_vectors
 from model.errors import ConfigError, DataError
 from model.metrics import Scores, score
 
@@ -186,13 +186,6 @@ def _split(transcripts: Sequence[Any], split: str, tokenizer: Any, cfg: Finetune
     return _Texts(ids, np.concatenate(labels) if labels else np.zeros(0, np.int64))
 
 
-def sentence_vectors(model: Any, ids: Tensor, mask: Tensor, pool: Tensor | None = None) -> Tensor:
-    """Pooled unit sentence vectors (see :func:`model.encoder.pooled_vectors`)."""
-    from model.encoder import pooled_vectors
-
-    return pooled_vectors(model, ids, mask, mask if pool is None else pool)
-
-
 def _batches(n: int, lengths: Sequence[int], size: int, rng: random.Random) -> list[list[int]]:
     """Shuffled batches of similar lengths (little padding, still random)."""
     order = list(range(n))
@@ -214,28 +207,14 @@ def _predict(model: Any, head: torch.nn.Linear, texts: _Texts, pad_id: int) -> n
         for start in range(0, len(order), 128):
             rows = order[start : start + 128]
             ids, mask, pool = pad_inputs([texts.ids[i] for i in rows], pad_id)
-            preds[rows] = head(sentence_vectors(model, ids, mask, pool)).argmax(-1).numpy()
+            preds[rows] = head(pooled_vectors(model, ids, mask, pool)).argmax(-1).numpy()
     return preds
 
 
 def _lora_model(cfg: FinetuneConfig) -> tuple[Any, Any]:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoModel, AutoTokenizer
 
-    from model.encoder import minilm_model_dir
-
-    path = minilm_model_dir()
-    from transformers.utils import logging as hf_logging
-
-    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    bar_was_on = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()  # transformers' "Loading weights" bar: not ours to draw
-    try:
-        base = AutoModel.from_pretrained(path, local_files_only=True)
-    finally:
-        if bar_was_on:
-            hf_logging.enable_progress_bar()
+    tokenizer, base = load_minilm()
     lora = LoraConfig(
         r=cfg.rank,
         lora_alpha=cfg.alpha,
@@ -350,7 +329,7 @@ def finetune_encoder(
                 rows = [keep[i] for i in batch]
                 ids, mask, pool = pad_inputs([train.ids[i] for i in rows], pad_id)
                 target = torch.from_numpy(train.labels[rows])
-                loss = loss_fn(head(sentence_vectors(model, ids, mask, pool)), target)
+                loss = loss_fn(head(pooled_vectors(model, ids, mask, pool)), target)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_([*lora_params, *head.parameters()], 1.0)

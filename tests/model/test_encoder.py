@@ -181,7 +181,6 @@ def test_the_onnx_backend_gives_the_same_vectors(
 ) -> None:
     """The shipped encoder exported to ONNX and run by ONNX Runtime: same vectors and
     feature spec as torch's, with and without context; the export is cached."""
-    pytest.importorskip("onnxruntime")
     monkeypatch.setenv("CFNESA_CACHE_DIR", str(tmp_path / "cache"))
     torch_enc = TextEncoder(batch_size=4)
     onnx_enc = TextEncoder(batch_size=4, backend="onnx")
