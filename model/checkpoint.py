@@ -27,7 +27,22 @@ from model.network import CFNESA
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
 CARD = "card.json"
-DEFAULT_CHECKPOINT = Path(__file__).resolve().parent / "checkpoints" / "streaming-meld-minilm"
+SHIPPED = Path(__file__).resolve().parent / "checkpoints"
+DEFAULT_CHECKPOINT = SHIPPED / "streaming-meld-minilm"
+# the shipped pairs (encoder adapter + model), selectable by name
+NAMED = {
+    "meld": SHIPPED / "streaming-meld-minilm",
+    "iemocap": SHIPPED / "streaming-iemocap-minilm",
+}
+
+
+def resolve_checkpoint(path: str | Path | None) -> Path:
+    """A checkpoint folder, or the name of a shipped one ("meld", "iemocap")."""
+    if path is None:
+        return DEFAULT_CHECKPOINT
+    if str(path) in NAMED and not Path(path).is_dir():
+        return NAMED[str(path)]
+    return Path(path)
 
 
 def fingerprint(config: ModelConfig, state_dict: dict[str, torch.Tensor]) -> str:
@@ -87,8 +102,8 @@ def save_checkpoint(
 
 
 def load_checkpoint(path: str | Path | None = None) -> Checkpoint:
-    """Load a checkpoint directory (default: the shipped streaming model)."""
-    path = Path(path) if path is not None else DEFAULT_CHECKPOINT
+    """Load a checkpoint directory or a shipped one by name (default: the MELD model)."""
+    path = resolve_checkpoint(path)
     for name in (WEIGHTS, CONFIG):
         if not (path / name).is_file():
             raise CheckpointError(f"{path} is not a checkpoint: {name} is missing")

@@ -53,6 +53,12 @@ class ModelConfig:
             shift comparison; the least recently heard is forgotten beyond this.
         feature_spec: the feature extractor the model was trained on; inputs
             carrying another spec are refused upstream.
+        emotion_temperature, shift_temperature: temperature scaling of the
+            emotion logits and of LESM's shift logits (logits / T), fitted on
+            the validation split after training (model/calibration.py); 1.0 =
+            uncalibrated. Part of the config, so part of the fingerprint, and
+            applied inside the network: the step and the whole-dialogue forward
+            give the same calibrated numbers.
     """
 
     mode: Mode = "causal"
@@ -72,6 +78,8 @@ class ModelConfig:
     max_speakers: int = 16
     feature_spec: str = "minilm-l6-v2"
     name: str = "cfnesa"
+    emotion_temperature: float = 1.0
+    shift_temperature: float = 1.0
     extra: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
 
     def __post_init__(self) -> None:
@@ -98,6 +106,10 @@ class ModelConfig:
                 raise ConfigError(f"{name} must be in [0, 1)")
         if self.max_speakers < 1:
             raise ConfigError("max_speakers must be >= 1")
+        for name in ("emotion_temperature", "shift_temperature"):
+            value = getattr(self, name)
+            if not (isinstance(value, int | float) and 0.0 < value < 1e3):
+                raise ConfigError(f"{name} must be a positive number below 1000, got {value!r}")
         if not self.feature_spec:
             raise ConfigError("feature_spec must be a non-empty string")
         # label_names may arrive as a list from JSON
@@ -128,6 +140,11 @@ class ModelConfig:
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["label_names"] = list(self.label_names)
+        # added later: left out at their neutral value, so the config (and the
+        # fingerprint) of every uncalibrated checkpoint stays what it was
+        for name in ("emotion_temperature", "shift_temperature"):
+            if d[name] == 1.0:
+                del d[name]
         return d
 
     def to_json(self) -> str:

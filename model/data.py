@@ -23,6 +23,7 @@ so loading runs with ``allow_pickle=False``)::
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import tempfile
@@ -240,6 +241,22 @@ class FeatureSet:
         if not chosen:
             raise InputError(f"no split {name!r} in {self.source or 'this set'}: {self.splits()}")
         return chosen
+
+    def hold_out(self, folds: int, fold: int, seed: int = 0) -> FeatureSet:
+        """This set with fold ``fold`` of ``folds`` of the train dialogues moved
+        to a ``heldout`` split (cross-fitting: a model trained on the rest gives
+        honest outputs on them). Folds are a seeded shuffle of the train
+        dialogues dealt round-robin, so they depend only on the ids and seed."""
+        if folds < 2 or not 0 <= fold < folds:
+            raise InputError(f"need folds >= 2 and 0 <= fold < folds, got {fold}/{folds}")
+        train_ids = sorted(d.dialogue_id for d in self.dialogues if d.split == "train")
+        order = np.random.default_rng(seed).permutation(len(train_ids))
+        held = {train_ids[i] for k, i in enumerate(order) if k % folds == fold}
+        moved = tuple(
+            dataclasses.replace(d, split="heldout") if d.dialogue_id in held else d
+            for d in self.dialogues
+        )
+        return dataclasses.replace(self, dialogues=moved)
 
     def class_counts(self, split: str) -> np.ndarray:
         """Labelled utterances per class in ``split``: int64 (C,)."""

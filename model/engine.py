@@ -87,6 +87,7 @@ class StreamingEngine:
         self.model = model.eval()
         self.config: ModelConfig = model.config
         self.fingerprint = fingerprint
+        self.path: Path | None = None  # the checkpoint folder, when loaded from one
         self._mods = model.modalities
 
     @classmethod
@@ -95,7 +96,9 @@ class StreamingEngine:
         from model.checkpoint import load_checkpoint
 
         ckpt = load_checkpoint(path)
-        return cls(ckpt.model, ckpt.fingerprint)
+        engine = cls(ckpt.model, ckpt.fingerprint)
+        engine.path = ckpt.path
+        return engine
 
     @property
     def label_names(self) -> tuple[str, ...]:

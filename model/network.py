@@ -339,7 +339,7 @@ class CFNESA(nn.Module):
             assert rume_h is not None and new_win is not None
             new_state = BatchState(rume_h=rume_h, **new_win)
         return ForwardOutput(
-            logits=self.classifier(fused),
+            logits=self.classifier(fused) / self.config.emotion_temperature,
             fused=fused,
             shift_prev=shift_prev,
             shift_speaker=shift_speaker,
@@ -351,7 +351,7 @@ class CFNESA(nn.Module):
         """LESM logits of each new utterance against bank[index]; NaN where index < 0."""
         d = fused.shape[-1]
         other = bank.gather(1, index.clamp(min=0).unsqueeze(-1).expand(-1, -1, d))  # (B, L, d)
-        logits = self.lesm(fused, other)  # (B, L, 2)
+        logits = self.lesm(fused, other) / self.config.shift_temperature  # (B, L, 2)
         return logits.masked_fill((index < 0).unsqueeze(-1), float("nan"))
 
     def _rume(

@@ -17,7 +17,7 @@ import math
 import os
 import random
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -28,6 +28,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm import tqdm
 
+from model import calibration
+from model.batching import batches, make_batch
 from model.checkpoint import save_checkpoint
 from model.config import ModelConfig
 from model.data import Dialogue, FeatureSet
@@ -85,91 +87,6 @@ def train_preset(name: str, **overrides: Any) -> TrainConfig:
 
 
 # ------------------------------------------------------------------ batches
-
-
-@dataclass
-class Batch:
-    """Padded dialogues. Shapes: (B, L, ...)."""
-
-    features: dict[str, Tensor]
-    present: Tensor  # (B, L, M) bool
-    valid: Tensor  # (B, L) bool
-    labels: Tensor  # (B, L) int64, -1 = padding or unlabelled
-    prev_index: Tensor  # (B, L)
-    speaker_prev_index: Tensor  # (B, L)
-
-
-def make_batch(
-    dialogues: Sequence[Dialogue],
-    config: ModelConfig,
-    *,
-    modality_dropout: float = 0.0,
-    rng: np.random.Generator | None = None,
-) -> Batch:
-    """Pad dialogues into a Batch for the model's modalities.
-
-    With ``modality_dropout`` (training), each non-text modality of each
-    utterance is dropped with that probability, and text too at half of it
-    where another modality stays, so that text-only, text+audio and all-three
-    inputs all work.
-    """
-    b, seq = len(dialogues), max(d.length for d in dialogues)
-    mods = config.modalities
-    feats = {m: np.zeros((b, seq, config.dim(m)), np.float32) for m in mods}
-    present = np.zeros((b, seq, len(mods)), bool)
-    valid = np.zeros((b, seq), bool)
-    labels = np.full((b, seq), -1, np.int64)
-    prev = np.full((b, seq), -1, np.int64)
-    spk_prev = np.full((b, seq), -1, np.int64)
-    for i, d in enumerate(dialogues):
-        n = d.length
-        valid[i, :n] = True
-        labels[i, :n] = d.labels
-        for k, m in enumerate(mods):
-            x = d.modality(m)
-            if x is None:
-                continue
-            if x.shape[1] != config.dim(m):
-                raise DataError(
-                    f"dialogue {d.dialogue_id}: {m} features are {x.shape[1]}-d, "
-                    f"the model takes {config.dim(m)}"
-                )
-            feats[m][i, :n] = x
-            present[i, :n, k] = True
-        prev[i, 1:n] = np.arange(n - 1)
-        last: dict[str, int] = {}
-        for t, s in enumerate(d.speakers):
-            spk_prev[i, t] = last.get(s, -1)
-            last[s] = t
-    if modality_dropout > 0 and rng is not None and len(mods) > 1:
-        drop = rng.random(present.shape) < modality_dropout
-        drop[..., 0] = rng.random(present.shape[:2]) < modality_dropout / 2
-        kept = present & ~drop
-        # never drop every modality of an utterance
-        nothing = ~kept.any(-1) & present.any(-1)
-        kept[nothing] = present[nothing]
-        present = kept
-    return Batch(
-        features={
-            m: torch.from_numpy(feats[m]) for k, m in enumerate(mods) if present[..., k].any()
-        },
-        present=torch.from_numpy(present),
-        valid=torch.from_numpy(valid),
-        labels=torch.from_numpy(labels),
-        prev_index=torch.from_numpy(prev),
-        speaker_prev_index=torch.from_numpy(spk_prev),
-    )
-
-
-def batches(
-    dialogues: Sequence[Dialogue], size: int, rng: np.random.Generator | None
-) -> Iterator[list[Dialogue]]:
-    """Dialogues in batches; shuffled when an rng is given."""
-    order = np.arange(len(dialogues))
-    if rng is not None:
-        rng.shuffle(order)
-    for start in range(0, len(order), size):
-        yield [dialogues[i] for i in order[start : start + size]]
 
 
 # ------------------------------------------------------------------- losses
@@ -453,6 +370,15 @@ def train(
         # score the model that is shipped: weights as stored in float16
         best = {k: v.half().float() if v.is_floating_point() else v for k, v in best.items()}
     model.load_state_dict(best)
+    # temperature scaling fitted on valid (argmax unchanged: the scores below are too)
+    t_emotion, t_shift = calibration.fit(model, valid_set)
+    model_config = model_config.replace(emotion_temperature=t_emotion, shift_temperature=t_shift)
+    model.config = model_config
+    calibration_card = {
+        "fitted_on": "valid",
+        "valid": calibration.report(model, valid_set),
+        "test": calibration.report(model, test_set) if test_set else None,
+    }
     valid_scores = evaluate(model, valid_set)
     test_scores = evaluate(model, test_set) if test_set else None
     result = TrainResult(best_epoch, valid_scores, test_scores, history)
@@ -466,6 +392,7 @@ def train(
             },
         },
         "feature_spec": features.feature_spec,
+        "heldout": [d.dialogue_id for d in features.dialogues if d.split == "heldout"],
         "label_names": list(model_config.label_names),
         "selection": "epoch with the best validation weighted-F1; test reported at that epoch",
         "best_epoch": best_epoch,
@@ -474,6 +401,7 @@ def train(
         "test": test_scores.to_dict() if test_scores else None,
         "max_test_weighted_f1_over_epochs": result.max_test_weighted_f1,
         "train_config": dataclasses.asdict(train_config),
+        "calibration": calibration_card,
         "seeds": [train_config.seed],
         "training_seconds": round(elapsed, 1),
         "torch": torch.__version__,

@@ -70,7 +70,8 @@ class Settings(BaseSettings):
 
     # --- model, alerts, outputs
     checkpoint: Path | None = Field(
-        default=None, description="model folder (default: the shipped one)"
+        default=None,
+        description='model folder, or a shipped pair by name: "meld" (the default), "iemocap"',
     )
     alert_rules: Path | None = Field(
         default=None, description="alert rules TOML (default: built in)"

@@ -3,7 +3,10 @@
     cfnesa finetune-encoder --data meld --out DIR fine-tune MiniLM as a LoRA adapter
     cfnesa features  --data meld                  encode a transcript file (cached)
     cfnesa train     --data meld --out runs/x     train, choose the epoch on valid, report test
-    cfnesa eval      --checkpoint DIR --data meld score a checkpoint on a split
+    cfnesa eval      --checkpoint DIR --data meld score a checkpoint (and its calibration)
+    cfnesa calibrate --checkpoint DIR --out DIR   fit the heads' temperatures on valid
+    cfnesa eval-alerts --checkpoint meld          alerts vs the gold negative episodes of a split
+    cfnesa fit-alerts  --crossfit F0 .. F4        learn the alert head from cross-fitted runs
     cfnesa services                               embedded Kafka (Tansu) + redis-server
     cfnesa worker                                 an emotion worker (settings: CFNESA_*)
     cfnesa demo                                   the whole pipeline on embedded services
@@ -116,6 +119,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     from model.train import train, train_preset
 
     features = _load_features(args)
+    if args.fold is not None:
+        # cross-fitting: train without one fold of the train split; the card names it
+        features = features.hold_out(args.folds, args.fold)
     print(features.summary())
     overrides = _given(
         mode=args.mode,
@@ -160,15 +166,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_eval(args: argparse.Namespace) -> int:
-    from model.checkpoint import load_checkpoint
-    from model.train import evaluate
-
-    ckpt = load_checkpoint(args.checkpoint)
-    if getattr(args, "adapter", None) is None and not (args.features or args.official):
+def _checkpoint_features(args: argparse.Namespace, ckpt: Any) -> Any:
+    """The --data features made by the encoder the checkpoint was trained on."""
+    if getattr(args, "adapter", None) is None and not (
+        getattr(args, "features", None) or getattr(args, "official", None)
+    ):
         from model.encoder import adapter_for_spec
 
-        # the encoder the model was trained on (plain MiniLM or the shipped adapter)
+        # the encoder the model was trained on (plain MiniLM or an installed adapter)
         found = adapter_for_spec(ckpt.config.feature_spec)
         args.adapter = "none" if found is None else str(found)
     features = _load_features(args)
@@ -177,17 +182,67 @@ def cmd_eval(args: argparse.Namespace) -> int:
             f"cfnesa: features are {features.feature_spec!r}, the model was trained on "
             f"{ckpt.config.feature_spec!r}"
         )
-    scores = evaluate(ckpt.model, features.split(args.split))
-    print(
-        json.dumps(
-            {
-                "checkpoint": str(ckpt.path),
-                "model": ckpt.model_id,
-                "split": args.split,
-                **scores.to_dict(),
-            },
-            indent=2,
+    return features
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from model import calibration
+    from model.checkpoint import load_checkpoint
+    from model.train import evaluate
+
+    ckpt = load_checkpoint(args.checkpoint)
+    features = _checkpoint_features(args, ckpt)
+    dialogues = features.split(args.split)
+    scores = evaluate(ckpt.model, dialogues)
+    report = {
+        "checkpoint": str(ckpt.path),
+        "model": ckpt.model_id,
+        "split": args.split,
+        **scores.to_dict(),
+        # before = the raw heads (T = 1), after = the checkpoint's temperatures
+        "calibration": calibration.report(ckpt.model, dialogues),
+    }
+    if args.reliability:
+        calibration.reliability_diagram(
+            ckpt.model, dialogues, args.reliability, f"{ckpt.model_id}, {args.split} split"
         )
+        report["reliability_diagram"] = args.reliability
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    """Fit the two temperatures on the validation split; write a new checkpoint."""
+    from model import calibration
+    from model.checkpoint import load_checkpoint, save_checkpoint
+
+    ckpt = load_checkpoint(args.checkpoint)
+    features = _checkpoint_features(args, ckpt)
+    valid = features.split("valid")
+    t_emotion, t_shift = calibration.fit(ckpt.model, valid)
+    ckpt.model.config = ckpt.config.replace(
+        emotion_temperature=t_emotion, shift_temperature=t_shift
+    )
+    card = dict(ckpt.card)
+    card["calibration"] = {
+        "fitted_on": "valid",
+        "valid": calibration.report(ckpt.model, valid),
+        "test": calibration.report(ckpt.model, features.split("test"))
+        if "test" in features.splits()
+        else None,
+    }
+    card["calibrated_from"] = ckpt.model_id
+    half = card.get("weights_dtype") == "float16"
+    fp = save_checkpoint(args.out, ckpt.model, card, half=half)
+    for extra in ckpt.path.iterdir() if ckpt.path else []:
+        if extra.is_file() and extra.name not in ("model.safetensors", "config.json", "card.json"):
+            (Path(args.out) / extra.name).write_bytes(extra.read_bytes())
+    after = card["calibration"]["valid"]["after"]
+    before = card["calibration"]["valid"]["before"]
+    print(
+        f"{args.out}: {ckpt.config.name}@{fp}  emotion T={t_emotion:g} (valid ECE "
+        f"{before['emotion']['ece']:.4f} -> {after['emotion']['ece']:.4f}), shift T={t_shift:g} "
+        f"(valid ECE {before['shift']['ece']:.4f} -> {after['shift']['ece']:.4f})"
     )
     return 0
 
@@ -366,6 +421,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--patience", type=int)
     p.add_argument("--modality-dropout", type=float)
     p.add_argument("--half", action="store_true", help="store the weights as float16")
+    p.add_argument(
+        "--fold",
+        type=int,
+        help="cross-fitting: hold out this fold of the train dialogues (see --folds)",
+    )
+    p.add_argument("--folds", type=int, default=5, help="number of folds for --fold")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_train)
 
@@ -373,7 +434,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_args(p)
     p.add_argument("--checkpoint", help="checkpoint folder (default: the shipped model)")
     p.add_argument("--split", default="test")
+    p.add_argument("--reliability", help="write a reliability diagram (PNG) of both heads here")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser(
+        "calibrate", help="fit the heads' temperatures on valid; write a calibrated checkpoint"
+    )
+    _add_data_args(p)
+    p.add_argument("--checkpoint", help="checkpoint folder (default: the shipped model)")
+    p.add_argument("--out", required=True, help="folder of the calibrated checkpoint")
+    p.set_defaults(func=cmd_calibrate)
 
     p = sub.add_parser("worker", help="run an emotion worker (settings from CFNESA_* variables)")
     p.add_argument("--bootstrap", help="Kafka bootstrap servers (CFNESA_KAFKA_BOOTSTRAP)")
@@ -383,11 +453,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics-port", type=int, help="Prometheus /metrics port, 0: none")
     p.set_defaults(func=cmd_worker)
 
+    from workers.cli_alerts import register as register_alerts
     from workers.cli_gateway import register as register_gateway
     from workers.cli_pipeline import register
 
     register(sub)
     register_gateway(sub)
+    register_alerts(sub)
 
     p = sub.add_parser("services", help="embedded Kafka (Tansu) and redis-server until Ctrl-C")
     p.add_argument("--partitions", type=int, default=4, help="partitions of the main topics")

@@ -331,9 +331,11 @@ def _load_encoder(
 
     chosen: Any = adapter or DEFAULT
     if not adapter and checkpoint is not None:
+        from model.checkpoint import resolve_checkpoint
         from model.config import ModelConfig
 
-        config = ModelConfig.from_json((Path(checkpoint) / "config.json").read_text())
+        folder = resolve_checkpoint(checkpoint)
+        config = ModelConfig.from_json((folder / "config.json").read_text())
         chosen = adapter_for_spec(config.feature_spec) or "none"
     return TextEncoder(threads=threads or None, backend=backend, adapter=chosen)
 

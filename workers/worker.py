@@ -74,6 +74,7 @@ from streaming.events import (
 from streaming.settings import Settings
 from streaming.state_store import Commit, StateStore
 from streaming.topics import next_offsets
+from workers.alert_eval import load_head, observe_result
 from workers.metrics import WorkerMetrics, serve_ops
 
 log = logging.getLogger(__name__)
@@ -185,7 +186,10 @@ class Worker:
     ) -> None:
         self.settings = settings
         self.engine = engine or StreamingEngine.load(settings.checkpoint)
-        self.rules = rules or AlertRules.load(settings.alert_rules)
+        # the learned alert head ships beside the checkpoint's weights (alert_head.json)
+        self.rules = rules or AlertRules.load(
+            settings.alert_rules, head=load_head(self.engine.path)
+        )
         self.metrics = metrics or WorkerMetrics()
         cfg = self.engine.config
         self.model_id = f"{cfg.name}@{self.engine.fingerprint}"
@@ -562,14 +566,8 @@ class Worker:
                 emotions.append(out.emotion)
                 if gap:
                     self.metrics.gaps.inc()
-                for alert in tracker.observe(
-                    self.rules,
-                    speaker=ev.speaker,
-                    emotion=out.emotion,
-                    confidence=out.confidence,
-                    p_shift_speaker=out.shift_vs_speaker_previous,
-                    ts=ts,
-                    gap=gap,
+                for alert in observe_result(
+                    tracker, self.rules, ev.speaker, out, labels, ts=ts, gap=gap
                 ):
                     alerts.append(alert.rule)
                     events.append(

@@ -166,6 +166,7 @@ def test_shift_fires_on_a_turn_from_calm_to_negative():
             to_emotion="anger",
             p_shift=0.7,
             detail=alerts[0].detail,
+            score=0.7,  # the shift probability ranks shift alerts
         )
     ]
     assert tracker.alerts == 1

@@ -1,0 +1,206 @@
+"""`cfnesa eval-alerts` and `cfnesa fit-alerts`: alerts against labelled calls."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+
+def _setup(args: argparse.Namespace) -> tuple[Any, Any, Any]:
+    """The engine, its data's features (the encoder it was trained on) and the rules."""
+    from model.checkpoint import load_checkpoint
+    from model.engine import StreamingEngine
+    from streaming.alerts import AlertRules
+    from workers.alert_eval import load_head
+    from workers.cli import _checkpoint_features
+
+    ckpt = load_checkpoint(args.checkpoint)
+    engine = StreamingEngine(ckpt.model, ckpt.fingerprint)
+    engine.path = ckpt.path
+    features = _checkpoint_features(args, ckpt)
+    rules = AlertRules.load(args.rules, head=load_head(ckpt.path))
+    return engine, features, rules
+
+
+def _negative(args: argparse.Namespace) -> frozenset[str] | None:
+    if not args.negative:
+        return None
+    return frozenset(x.strip() for x in args.negative.split(",") if x.strip())
+
+
+def cmd_eval_alerts(args: argparse.Namespace) -> int:
+    from workers.alert_eval import evaluate_alerts, plot_curve
+
+    engine, features, rules = _setup(args)
+    gold_negative = _negative(args)
+    unknown = (gold_negative or frozenset()) - set(features.label_names)
+    if unknown:
+        raise SystemExit(
+            f"cfnesa: --negative names {sorted(unknown)}, not labels of the data "
+            f"({', '.join(features.label_names)})"
+        )
+    dialogues = features.split(args.split)
+    print(
+        f"eval-alerts: {engine.config.name}@{engine.fingerprint} on {len(dialogues)} "
+        f"{args.split} calls, rules {args.rules or 'built in'}",
+        flush=True,
+    )
+    report = evaluate_alerts(
+        engine,
+        rules,
+        dialogues,
+        features.label_names,
+        gold_negative=gold_negative,
+        slack=args.slack,
+        seed=args.seed,
+    )
+    report = {
+        "model": f"{engine.config.name}@{engine.fingerprint}",
+        "data": features.source,
+        "split": args.split,
+        "rules": str(args.rules) if args.rules else "built in",
+        **report,
+    }
+    _print_report(report)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(report, indent=1) + "\n")
+        print(f"written: {args.json}")
+    if args.plot:
+        plot_curve(report, args.plot, f"{report['model']}, {args.split}: alerts vs gold episodes")
+        print(f"written: {args.plot}")
+    return 0
+
+
+def _print_report(r: dict[str, Any]) -> None:
+    print(
+        f"{r['episodes']} gold negative episodes in {r['utterances']} utterances "
+        f"(negative: {', '.join(r['gold_negative'])}; slack {r['slack']})"
+    )
+    head = f"{'':22s} {'precision':>9s} {'recall':>7s} {'F1':>6s} {'per 100':>8s} {'redundant':>9s}"
+    print(head)
+    rows = [("product (all rules)", r["product"])]
+    rows += [(f"  {k}", v) for k, v in r["per_rule"].items()]
+    rows += [("naive rule", r["naive"]), ("random, same rate", r["random"])]
+    for name, f in rows:
+        print(
+            f"{name:22s} {f['precision']:9.1f} {f['recall']:7.1f} {f['f1']:6.1f} "
+            f"{f['alerts_per_100_utterances']:8.1f} {f['redundant']:9d}"
+            + (
+                f"   median delay {f['median_delay_utterances']:g}"
+                if f["median_delay_utterances"] is not None
+                else ""
+            )
+        )
+    print("precision at equal alert budgets (product vs naive):")
+    for b, v in r["budgets"].items():
+        print(
+            f"  {b:>2s} per 100 utterances: {v['product']['precision']:5.1f} vs "
+            f"{v['naive']['precision']:5.1f}"
+        )
+
+
+def cmd_fit_alerts(args: argparse.Namespace) -> int:
+    from workers.alert_eval import HEAD_FILE, evaluate_alerts, stream
+    from workers.alert_fit import fit_alerts, onset_rules, out_of_fold
+
+    engine, features, rules = _setup(args)
+    print("out-of-fold results of the cross-fitted models:", flush=True)
+    train = out_of_fold(args.crossfit, features)
+    head, choices = fit_alerts(
+        train, features.label_names, rules, slack=args.slack, gold_negative=_negative(args)
+    )
+    # validation chooses among the candidates (the shipped model, the valid split)
+    valid = features.split("valid")
+    outs = stream(engine, valid)
+    candidates = {"current rules": rules}
+    for name, c in choices.items():
+        if name == "chosen_head" or (
+            name.startswith("alert_head") and name != choices["chosen_head"]
+        ):
+            continue
+        score = c["score"]
+        r = onset_rules(rules, score, c["rearm_after"], head if score == "alert_head" else None)
+        candidates[f"{name} >= {c['threshold']}"] = r.with_threshold(c["threshold"])
+    print("validation (shipped model, valid split):", flush=True)
+    valid_figures = {}
+    for name, r in candidates.items():
+        rep = evaluate_alerts(
+            engine,
+            r,
+            valid,
+            features.label_names,
+            results=outs,
+            slack=args.slack,
+            curve=True,
+            gold_negative=_negative(args),
+        )
+        valid_figures[name] = {
+            "product": rep["product"],
+            "naive": rep["naive"],
+            "budgets": {b: v["product"]["precision"] for b, v in rep["budgets"].items()},
+            "naive_budgets": {b: v["naive"]["precision"] for b, v in rep["budgets"].items()},
+        }
+        p, n = rep["product"], rep["naive"]
+        print(
+            f"  {name:34s} P {p['precision']:5.1f} R {p['recall']:5.1f} F1 {p['f1']:5.1f} "
+            f"({p['alerts_per_100_utterances']:.1f}/100)   naive F1 {n['f1']:.1f} "
+            f"P {n['precision']:.1f}   budgets "
+            + " ".join(
+                f"{b}:{v['product']['precision']:.0f}/{v['naive']['precision']:.0f}"
+                for b, v in rep["budgets"].items()
+            )
+        )
+    head = head.model_copy(
+        update={"trained_on": {**head.trained_on, "choices": choices, "valid": valid_figures}}
+    )
+    out = Path(args.out) if args.out else engine.path
+    assert out is not None
+    out.mkdir(parents=True, exist_ok=True)
+    (out / HEAD_FILE).write_text(head.model_dump_json(indent=1) + "\n")
+    print(f"written: {out / HEAD_FILE}")
+    return 0
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    from workers.cli import _add_data_args
+
+    _add_data_args(p)
+    p.add_argument(
+        "--checkpoint", help='checkpoint folder or shipped name ("meld", "iemocap"; default meld)'
+    )
+    p.add_argument("--rules", help="alert rules TOML (default: built in)")
+    p.add_argument(
+        "--negative",
+        help="gold labels that count as negative, comma-separated (default: the rules' "
+        "negative_emotions)",
+    )
+    p.add_argument("--slack", type=int, default=2, help="call positions an alert may lag (2)")
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser(
+        "eval-alerts", help="score the alert rules against the gold labels of a split"
+    )
+    _common(p)
+    p.add_argument("--split", default="test")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random baseline")
+    p.add_argument("--json", help="write the figures here")
+    p.add_argument("--plot", help="write the precision-recall curve (PNG) here")
+    p.set_defaults(func=cmd_eval_alerts)
+
+    p = sub.add_parser(
+        "fit-alerts",
+        help="learn the alert head and rule settings from cross-fitted train results",
+    )
+    _common(p)
+    p.add_argument(
+        "--crossfit",
+        nargs="+",
+        required=True,
+        help="checkpoints of `cfnesa train --fold k` runs, one per fold",
+    )
+    p.add_argument("--out", help="folder for alert_head.json (default: the checkpoint's)")
+    p.set_defaults(func=cmd_fit_alerts)
