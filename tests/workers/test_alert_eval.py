@@ -25,7 +25,7 @@ from workers.alert_eval import (
 )
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "model"))
-from test_train import FAST, SMALL, synthetic  # noqa: E402
+from test_train import FAST, SMALL, synthetic
 
 LABELS = ("calm", "tense", "upset")
 
