@@ -214,7 +214,6 @@ def reliability_diagram(
         ),
     )
     edges = np.linspace(0.0, 1.0, ECE_BINS + 1)
-    centres = (edges[:-1] + edges[1:]) / 2
     for ax, (name, logits, labels, t) in zip(axes, heads, strict=True):
         ax.plot([0, 1], [0, 1], color="#999", lw=1, ls="--", label="perfect")
         for temp, colour, tag in ((1.0, "#d62728", "before"), (t, "#1f77b4", "after")):
@@ -225,7 +224,6 @@ def reliability_diagram(
             ys = [correct[which == k].mean() for k in range(ECE_BINS) if (which == k).any()]
             ece = expected_calibration_error(p, labels)
             ax.plot(xs, ys, marker="o", color=colour, label=f"{tag} (T={temp:g}): ECE {ece:.3f}")
-        ax.set_xticks(centres[::2].round(2))
         ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence", ylabel="accuracy", title=name)
         ax.legend(loc="upper left", fontsize=8)
     fig.suptitle(title or f"{c.name}: reliability, {ECE_BINS} bins")
