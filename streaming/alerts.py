@@ -44,18 +44,20 @@ class SustainedRule(_Rule):
     utterances: int = Field(default=3, ge=1)
 
 
-Score = Literal["p_negative", "alert_head"]
+Score = Literal["auto", "p_negative", "alert_head"]
 
 
 class OnsetRule(_Rule):
     """A speaker's negative score reaches ``min_score`` while the rule is armed.
 
-    The score is ``p_negative`` (the probability mass of the negative emotions)
-    or ``alert_head`` (a small learned model of "a negative episode starts
-    here", shipped in the checkpoint as alert_head.json). The threshold is
+    The score is ``p_negative`` (the probability mass of the negative emotions),
+    ``alert_head`` (a small learned model of "this speaker is in a negative
+    episode", shipped in the checkpoint as alert_head.json) or ``auto`` (the
+    head when the checkpoint ships one, else ``p_negative``). The threshold is
     given directly (``min_score``) or as an operating point that the head's
     table, measured on held-out training calls, turns into one:
-    ``alerts_per_100`` (an alert budget) or ``min_precision`` (percent).
+    ``alerts_per_100`` (an alert budget) or ``min_precision`` (percent); none
+    given: the threshold with the best F1 on those calls (0.5 without a table).
     After firing, the rule re-arms for that speaker once ``rearm_after`` of
     their utterances in a row score below ``rearm_below`` (default: the
     threshold).
@@ -192,15 +194,21 @@ class AlertRules(BaseModel):
         onset = self.negative_onset
         if not onset.enabled:
             return self.model_copy(update={"head": head})
+        if onset.score == "auto":
+            onset = onset.model_copy(
+                update={"score": "alert_head" if head is not None else "p_negative"}
+            )
         if onset.score == "alert_head" and head is None:
             raise AlertRulesError(
                 'negative_onset uses score = "alert_head" but the checkpoint has no alert head '
                 '(alert_head.json); use score = "p_negative" or a checkpoint that ships one'
             )
+        points = head.operating_points.get(onset.score, ()) if head is not None else ()
         if onset.min_score is None and onset.alerts_per_100 is None and onset.min_precision is None:
-            onset = onset.model_copy(update={"min_score": 0.5})
+            # no threshold given: the best F1 on held-out training calls, else 0.5
+            best = max(points, key=lambda p: (_f1(p), -p.threshold), default=None)
+            onset = onset.model_copy(update={"min_score": best.threshold if best else 0.5})
         elif onset.min_score is None:
-            points = head.operating_points.get(onset.score, ()) if head is not None else ()
             if not points:
                 raise AlertRulesError(
                     f"negative_onset states an operating point but the checkpoint has no "
@@ -212,10 +220,10 @@ class AlertRules(BaseModel):
             else:
                 ok = [p for p in points if p.precision >= (onset.min_precision or 0.0)]
                 if not ok:
-                    best = max(p.precision for p in points)
+                    top = max(p.precision for p in points)
                     raise AlertRulesError(
                         f"no threshold of {onset.score} reached {onset.min_precision}% precision "
-                        f"on held-out calls (the best was {best:.1f}%)"
+                        f"on held-out calls (the best was {top:.1f}%)"
                     )
                 point = max(ok, key=lambda p: (p.recall, -p.threshold))
             onset = onset.model_copy(update={"min_score": point.threshold})
@@ -484,10 +492,11 @@ class CallTracker:
         speaker: _Speaker | None,
     ) -> dict[str, float]:
         """The alert head's inputs for a new utterance, from the state before it."""
-        first = speaker is None or speaker.p_negative is None
+        before = speaker.p_negative if speaker is not None else None
+        first = before is None
         return {
             "p_negative": p_negative,
-            "p_negative_speaker_before": 0.0 if first else float(speaker.p_negative or 0.0),
+            "p_negative_speaker_before": before or 0.0,
             "first_of_speaker": 1.0 if first else 0.0,
             "p_negative_call_before": self.last_p_negative or 0.0,
             "p_shift_speaker": p_shift_speaker or 0.0,
@@ -526,6 +535,10 @@ class CallTracker:
             "last_ts": self.last_ts,
             "duration_s": duration,
         }
+
+
+def _f1(p: OperatingPoint) -> float:
+    return 2 * p.precision * p.recall / (p.precision + p.recall) if p.precision + p.recall else 0.0
 
 
 def _parse_ts(ts: str) -> datetime:

@@ -285,8 +285,8 @@ def negative_flags(label_names: Sequence[str], negative: frozenset[str]) -> list
     return [name in negative for name in label_names]
 
 
-def thresholds() -> list[float]:
-    return [round(x, 3) for x in np.linspace(0.0, 1.0, 201)]
+def thresholds(steps: int = 200) -> list[float]:
+    return [round(float(x), 4) for x in np.linspace(0.0, 1.0, steps + 1)]
 
 
 def evaluate_alerts(

@@ -33,7 +33,15 @@ import numpy as np
 from model.data import Dialogue, FeatureSet
 from model.engine import StreamingEngine, UtteranceResult
 from streaming.alerts import FEATURES, AlertHead, AlertRules, CallTracker, OperatingPoint
-from workers.alert_eval import Gold, negative_flags, observe_result, run_rules, stream, thresholds
+from workers.alert_eval import (
+    Gold,
+    naive_alerts,
+    negative_flags,
+    observe_result,
+    run_rules,
+    stream,
+    thresholds,
+)
 
 REARM_CHOICES = (1, 2)
 
@@ -157,7 +165,7 @@ def operating_points(
     rules: AlertRules, streamed: Streamed, gold: Gold, slack: int
 ) -> list[OperatingPoint]:
     points = []
-    for t in thresholds():
+    for t in thresholds(100):
         f = gold.score(
             run_rules(
                 rules.with_threshold(t), streamed.dialogues, streamed.results, streamed.labels
@@ -185,6 +193,24 @@ def best_point(points: Sequence[OperatingPoint]) -> tuple[OperatingPoint, float]
     return best, f1(best)
 
 
+@dataclass
+class Candidate:
+    """One onset rule learned on out-of-fold train results."""
+
+    name: str
+    score: str
+    head: AlertHead | None
+    rearm_after: int
+    threshold: float
+    f1: float
+    table: list[OperatingPoint]
+
+    def rules(self, base: AlertRules) -> AlertRules:
+        return onset_rules(base, self.score, self.rearm_after, self.head).with_threshold(
+            self.threshold
+        )
+
+
 def fit_alerts(
     train: Streamed,
     data_labels: Sequence[str],
@@ -193,8 +219,8 @@ def fit_alerts(
     slack: int = 2,
     gold_negative: frozenset[str] | None = None,
     log: Any = print,
-) -> tuple[AlertHead, dict[str, Any]]:
-    """Learn the head and each score's settings on out-of-fold train results."""
+) -> dict[str, Candidate]:
+    """Learn the heads and each score's settings on out-of-fold train results."""
     negative = gold_negative or base.negative_emotions
     gold = Gold(train.dialogues, negative_flags(data_labels, negative))
     x, where = feature_rows(base, train)
@@ -202,63 +228,58 @@ def fit_alerts(
         f"  out-of-fold train: {len(train.dialogues)} calls, {len(x)} utterances, "
         f"{gold.total} episodes"
     )
-    choices: dict[str, Any] = {}
-    heads: dict[str, AlertHead] = {}
+    naive = gold.score(naive_alerts(train.dialogues, train.results, base.negative_emotions), slack)
+    log(f"  naive rule on them: P {naive.precision:.1f} R {naive.recall:.1f} F1 {naive.f1:.2f}")
+    options: list[tuple[str, str, AlertHead | None]] = [("p_negative", "p_negative", None)]
     for kind in ("start", "inside"):
         y = targets(gold, train.dialogues, where, kind)
-        heads[kind] = fit_head(
-            x, y, {"target": kind, "utterances": len(x), "positives": int(y.sum())}
-        )
-    tables: dict[str, list[OperatingPoint]] = {}
-    candidates = [("p_negative", None, "p_negative")] + [
-        ("alert_head", heads[k], f"alert_head[{k}]") for k in heads
-    ]
-    for score, head, name in candidates:
+        info = {
+            "target": kind,
+            "utterances": len(x),
+            "positives": int(y.sum()),
+            "episodes": gold.total,
+            "slack": slack,
+            "out_of_fold_naive_f1": round(naive.f1, 2),
+        }
+        options.append((f"alert_head[{kind}]", "alert_head", fit_head(x, y, info)))
+    found: dict[str, Candidate] = {}
+    for name, score, head in options:
         for rearm in REARM_CHOICES:
-            rules = onset_rules(base, score, rearm, head)
-            points = operating_points(rules, train, gold, slack)
+            points = operating_points(onset_rules(base, score, rearm, head), train, gold, slack)
             point, f1 = best_point(points)
             log(
                 f"  {name:20s} rearm_after={rearm}: best out-of-fold F1 {f1:.2f} at "
                 f"{point.threshold:.3f} (P {point.precision:.1f} R {point.recall:.1f}, "
                 f"{point.alerts_per_100:.1f}/100)"
             )
-            key = name
-            if key not in choices or f1 > choices[key]["f1"]:
-                choices[key] = {
-                    "score": score,
-                    "rearm_after": rearm,
-                    "threshold": point.threshold,
-                    "f1": round(f1, 2),
-                    "head": head,
-                }
-                tables[key] = points
-    best_head = max(
-        (k for k in choices if k.startswith("alert_head")), key=lambda k: choices[k]["f1"]
-    )
-    head = choices[best_head]["head"]
-    head = head.model_copy(
+            if name not in found or f1 > found[name].f1:
+                found[name] = Candidate(name, score, head, rearm, point.threshold, f1, points)
+    return found
+
+
+def package(head: Candidate, p_negative: Candidate) -> AlertHead:
+    """The file shipped beside the checkpoint: the head, and both scores' tables."""
+    assert head.head is not None
+    return head.head.model_copy(
         update={
             "operating_points": {
-                "p_negative": tuple(tables["p_negative"]),
-                "alert_head": tuple(tables[best_head]),
+                "p_negative": tuple(p_negative.table),
+                "alert_head": tuple(head.table),
             },
             "trained_on": {
-                **head.trained_on,
+                **head.head.trained_on,
                 "rearm_after": {
-                    "p_negative": choices["p_negative"]["rearm_after"],
-                    "alert_head": choices[best_head]["rearm_after"],
+                    "p_negative": p_negative.rearm_after,
+                    "alert_head": head.rearm_after,
                 },
                 "best_threshold": {
-                    "p_negative": choices["p_negative"]["threshold"],
-                    "alert_head": choices[best_head]["threshold"],
+                    "p_negative": p_negative.threshold,
+                    "alert_head": head.threshold,
                 },
-                "out_of_fold_f1": {k: v["f1"] for k, v in choices.items()},
-                "episodes": gold.total,
-                "slack": slack,
+                "out_of_fold_f1": {
+                    "p_negative": round(p_negative.f1, 2),
+                    "alert_head": round(head.f1, 2),
+                },
             },
         }
     )
-    summary = {k: {kk: vv for kk, vv in v.items() if kk != "head"} for k, v in choices.items()}
-    summary["chosen_head"] = best_head
-    return head, summary

@@ -104,28 +104,21 @@ def _print_report(r: dict[str, Any]) -> None:
 
 def cmd_fit_alerts(args: argparse.Namespace) -> int:
     from workers.alert_eval import HEAD_FILE, evaluate_alerts, stream
-    from workers.alert_fit import fit_alerts, onset_rules, out_of_fold
+    from workers.alert_fit import fit_alerts, out_of_fold, package
 
     engine, features, rules = _setup(args)
+    gold_negative = _negative(args)
     print("out-of-fold results of the cross-fitted models:", flush=True)
     train = out_of_fold(args.crossfit, features)
-    head, choices = fit_alerts(
-        train, features.label_names, rules, slack=args.slack, gold_negative=_negative(args)
+    found = fit_alerts(
+        train, features.label_names, rules, slack=args.slack, gold_negative=gold_negative
     )
-    # validation chooses among the candidates (the shipped model, the valid split)
+    # validation chooses among what train learned (the shipped model, the valid split)
     valid = features.split("valid")
     outs = stream(engine, valid)
-    candidates = {"current rules": rules}
-    for name, c in choices.items():
-        if name == "chosen_head" or (
-            name.startswith("alert_head") and name != choices["chosen_head"]
-        ):
-            continue
-        score = c["score"]
-        r = onset_rules(rules, score, c["rearm_after"], head if score == "alert_head" else None)
-        candidates[f"{name} >= {c['threshold']}"] = r.with_threshold(c["threshold"])
-    print("validation (shipped model, valid split):", flush=True)
-    valid_figures = {}
+    candidates = {"current rules": rules, **{n: c.rules(rules) for n, c in found.items()}}
+    print("validation (the shipped model on the valid split) chooses:", flush=True)
+    figures: dict[str, Any] = {}
     for name, r in candidates.items():
         rep = evaluate_alerts(
             engine,
@@ -134,33 +127,61 @@ def cmd_fit_alerts(args: argparse.Namespace) -> int:
             features.label_names,
             results=outs,
             slack=args.slack,
-            curve=True,
-            gold_negative=_negative(args),
+            gold_negative=gold_negative,
         )
-        valid_figures[name] = {
+        figures[name] = {
             "product": rep["product"],
-            "naive": rep["naive"],
             "budgets": {b: v["product"]["precision"] for b, v in rep["budgets"].items()},
-            "naive_budgets": {b: v["naive"]["precision"] for b, v in rep["budgets"].items()},
         }
-        p, n = rep["product"], rep["naive"]
+        figures["naive rule"] = {
+            "product": rep["naive"],
+            "budgets": {b: v["naive"]["precision"] for b, v in rep["budgets"].items()},
+        }
+    for name, f in figures.items():
+        p = f["product"]
+        extra = f" (threshold {found[name].threshold:g})" if name in found else ""
         print(
-            f"  {name:34s} P {p['precision']:5.1f} R {p['recall']:5.1f} F1 {p['f1']:5.1f} "
-            f"({p['alerts_per_100_utterances']:.1f}/100)   naive F1 {n['f1']:.1f} "
-            f"P {n['precision']:.1f}   budgets "
-            + " ".join(
-                f"{b}:{v['product']['precision']:.0f}/{v['naive']['precision']:.0f}"
-                for b, v in rep["budgets"].items()
-            )
+            f"  {name + extra:38s} P {p['precision']:5.1f} R {p['recall']:5.1f} F1 {p['f1']:5.1f} "
+            f"{p['alerts_per_100_utterances']:5.1f}/100   precision at 2/5/10 per 100: "
+            + " / ".join(f"{v:.1f}" for v in f["budgets"].values())
         )
+    # the targets, counted on validation; ties go to the higher F1
+    naive = figures["naive rule"]
+
+    def merit(name: str) -> tuple[int, float]:
+        f = figures[name]
+        met = int(f["product"]["f1"] >= naive["product"]["f1"] + 3)
+        met += int(f["product"]["precision"] >= naive["product"]["precision"])
+        met += sum(int(f["budgets"][b] > naive["budgets"][b]) for b in f["budgets"])
+        return met, f["product"]["f1"]
+
+    for name in found:
+        print(f"  {name}: {merit(name)[0]} of 5 targets met on validation")
+    chosen = max(found, key=merit)
+    best_head = max((n for n in found if found[n].head is not None), key=merit)
+    head = package(found[best_head], found["p_negative"])
     head = head.model_copy(
-        update={"trained_on": {**head.trained_on, "choices": choices, "valid": valid_figures}}
+        update={
+            "trained_on": {
+                **head.trained_on,
+                "valid": figures,
+                "chosen_on_valid": chosen,
+                "crossfit": [str(p) for p in args.crossfit],
+            }
+        }
     )
     out = Path(args.out) if args.out else engine.path
     assert out is not None
     out.mkdir(parents=True, exist_ok=True)
     (out / HEAD_FILE).write_text(head.model_dump_json(indent=1) + "\n")
-    print(f"written: {out / HEAD_FILE}")
+    c = found[chosen]
+    print(f"written: {out / HEAD_FILE}  (head: {best_head})")
+    print(
+        f"validation chose {chosen}; in the rules file:\n  [negative_onset]\n  enabled = true\n"
+        f'  score = "{c.score}"\n  rearm_after = {c.rearm_after}\n'
+        f"  # no threshold: the best out-of-fold F1 ({c.threshold:g}); or min_score / "
+        "alerts_per_100 / min_precision"
+    )
     return 0
 
 

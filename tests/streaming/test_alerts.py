@@ -63,7 +63,11 @@ def test_default_rules_load():
     assert {"anger", "sadness"} <= rules.negative_emotions
     assert "neutral" not in rules.negative_emotions
     assert rules.speakers == frozenset()
-    assert rules.emotion_shift.enabled and rules.sustained_negative.enabled
+    # the measured default (docs/alerts.md): the onset rule; the older two are off
+    assert rules.negative_onset.enabled and rules.negative_onset.score == "p_negative"
+    assert rules.negative_onset.min_score == 0.5  # no head given: no table to read
+    assert not rules.emotion_shift.enabled and not rules.sustained_negative.enabled
+    assert rules.rule_names() == ["negative_onset"]
     assert rules.emotion_shift.severity == "high"
     assert 0.0 <= rules.emotion_shift.min_p_shift <= 1.0
     assert rules.sustained_negative.utterances >= 1
