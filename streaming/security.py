@@ -359,13 +359,60 @@ async def diagnose_kafka(
                 timeout_s,
             )
         except Exception as exc:
-            failure = security_failure(exc, service="kafka", address=address)
+            failure = security_failure(exc, service="kafka", address=address) or _closed_on_us(
+                exc, options, address
+            )
             if failure is not None:
                 return failure
             log.debug("kafka at %s: %r (not a security failure)", address, exc)
         else:
             conn.close()
     return None
+
+
+def _closed_on_us(
+    exc: BaseException, options: Mapping[str, Any], address: str
+) -> ConnectionSecurityError | None:
+    """A broker that hangs up at a security step instead of answering.
+
+    Brokers do not always say why: a TLS server that rejects the client's certificate
+    (or its absence) under TLS 1.3 may just close the connection after the handshake,
+    and Tansu closes it when offered a SASL mechanism it lacks. Which step the
+    connection died in tells the cause: a broker that is merely down refuses the TCP
+    connection instead.
+    """
+    if not isinstance(exc, KafkaConnectionError | asyncio.IncompleteReadError):
+        return None
+    steps = _steps(exc)
+    protocol = options.get("security_protocol", "PLAINTEXT")
+    if "_do_sasl_handshake" in steps:
+        return AuthenticationFailedError(
+            f"authentication failed: the broker closed the connection during SASL "
+            f"{options.get('sasl_mechanism')} (a mechanism it does not offer, or "
+            "credentials it refused)",
+            service="kafka",
+            address=address,
+        )
+    if "_do_version_lookup" in steps and protocol in ("SSL", "SASL_SSL"):
+        return TlsError(
+            "TLS handshake failed: the broker closed the connection right after the "
+            "handshake, before its first answer: it requires a client certificate that it "
+            "trusts (kafka_ssl_certfile, kafka_ssl_keyfile)",
+            service="kafka",
+            address=address,
+        )
+    return None
+
+
+def _steps(exc: BaseException) -> set[str]:
+    """Names of the functions an exception (or one it chains) passed through."""
+    names: set[str] = set()
+    for e in _chain(exc):
+        tb = e.__traceback__
+        while tb is not None:
+            names.add(tb.tb_frame.f_code.co_name)
+            tb = tb.tb_next
+    return names
 
 
 async def start_kafka_client(
