@@ -244,18 +244,9 @@ async def featurize(
             start (Kafka, or Redis for an encoder that reads context): fatal, where an
             unreachable broker or Redis is waited for.
     """
-    security = kafka_client_options(settings)  # a missing CA file fails before the model loads
+    security = kafka_client_options(settings)
     loop = asyncio.get_running_loop()
     executor = ThreadPoolExecutor(1, thread_name_prefix="cfnesa-featurize")
-    if encoder is None:
-        encoder = await loop.run_in_executor(
-            executor,
-            _load_encoder,
-            settings.torch_threads,
-            settings.encoder_backend,
-            settings.encoder_adapter,
-            settings.checkpoint,
-        )
     servers = settings.bootstrap_servers()
     producer = AIOKafkaProducer(
         bootstrap_servers=servers,
@@ -276,14 +267,24 @@ async def featurize(
         **security,
     )
     stats = FeaturizeStats()
-    context = int(getattr(encoder, "context", 0))
     own_store = None
-    if context and store is None:
-        store = own_store = StateStore.from_settings(settings)
     try:
-        if not await _start(producer, stop, servers, security) or not await _start(
-            consumer, stop, servers, security
-        ):
+        # the producer first: a wrong password or CA fails before the encoder loads
+        if not await _start(producer, stop, servers, security):
+            return stats
+        if encoder is None:
+            encoder = await loop.run_in_executor(
+                executor,
+                _load_encoder,
+                settings.torch_threads,
+                settings.encoder_backend,
+                settings.encoder_adapter,
+                settings.checkpoint,
+            )
+        context = int(getattr(encoder, "context", 0))
+        if context and store is None:
+            store = own_store = StateStore.from_settings(settings)
+        if not await _start(consumer, stop, servers, security):
             return stats
         if context and store is not None:
             ok, _ = await _retry_redis("start-up", store.ping, stop, settings.redis_url)
