@@ -413,13 +413,13 @@ async def _retry_redis(
     """(True, result) of ``await call()``, retried with backoff while Redis is
     unreachable; (False, None) when ``stop`` is set first. A security failure (wrong
     password, untrusted certificate) is raised, not retried."""
-    from redis.exceptions import RedisError
+    from redis.exceptions import RedisClusterException, RedisError
 
     delay = 0.2
     while not stop.is_set():
         try:
             return True, await call()
-        except (RedisError, OSError) as exc:
+        except (RedisError, RedisClusterException, OSError) as exc:
             failure = security_failure(exc, service="redis", address=redact_url(url))
             if failure is not None:
                 raise failure from exc

@@ -46,6 +46,7 @@ from redis.exceptions import (
     ClusterDownError,
     OutOfMemoryError,
     ReadOnlyError,
+    RedisClusterException,
     RedisError,
     ResponseError,
     SlotNotCoveredError,
@@ -720,7 +721,9 @@ class Worker:
             try:
                 await fn()
                 return True
-            except (KafkaError, RedisError, OSError) as exc:
+            # RedisClusterException: a cluster client that cannot initialize (its cause
+            # may be a refused password); not a RedisError
+            except (KafkaError, RedisError, RedisClusterException, OSError) as exc:
                 failure = security_failure(exc, service=service, address=self._address(service))
                 if failure is not None:
                     raise failure from exc
@@ -751,7 +754,7 @@ class Worker:
                 await fn(records)
                 self._outage = None
                 return True
-            except (RedisError, OSError) as exc:
+            except (RedisError, RedisClusterException, OSError) as exc:
                 failure = security_failure(exc, service="redis", address=self._address("redis"))
                 if failure is not None:
                     raise failure from exc  # credentials revoked or rotated: not an outage
