@@ -15,6 +15,9 @@ on 127.0.0.1 only and is stopped by its fixture.
   ``redis-server`` package, installed here when missing and we are root, as the
   browser tests install chromium). Tests skip when neither is possible.
 - ``tls_redis_factory``: start another one (``tls-auth-clients yes``, ...).
+- ``tls_redis_cluster``: a 2-master Redis Cluster, TLS on the client ports and the
+  cluster bus (the nodes present the server certificate to each other, hence its
+  clientAuth usage in tests/pki.py).
 
 Session-wide like the plain ``kafka`` and ``redis_server``: isolate each test with
 its own topic names, consumer groups and key prefixes (``unique``).
@@ -216,3 +219,91 @@ def tls_redis(pki: Pki, tls_redis_binary: str) -> Iterator[TlsRedis]:
         yield server.start(timeout=scale_timeout(30))
     finally:
         server.close()
+
+
+class TlsClusterNode(TlsRedis):
+    """A Redis Cluster node whose cluster bus speaks TLS too (``tls-cluster yes``);
+    clients on its TLS port learn the other nodes' TLS ports from CLUSTER SLOTS."""
+
+    name = "redis-tls-cluster"
+
+    def __init__(self, pki: Pki, **kwargs: Any) -> None:
+        self.bus_port = free_port()
+        super().__init__(pki, cluster_node=True, **kwargs)
+
+    def _command(self, binary: Path, workdir: Path) -> list[str]:
+        return [
+            *super()._command(binary, workdir),
+            "--tls-cluster",
+            "yes",
+            "--cluster-port",
+            str(self.bus_port),
+        ]
+
+
+@dataclass
+class TlsRedisCluster:
+    """Real Redis Cluster masters over TLS (slots split evenly, no replicas)."""
+
+    nodes: list[TlsClusterNode]
+
+    @property
+    def tls_url(self) -> str:
+        """Any node's TLS URL: a cluster client discovers the others from it."""
+        return f"rediss://{self.nodes[0].host}:{self.nodes[0].tls_port}"
+
+    def start(self, timeout: float) -> TlsRedisCluster:
+        import time
+
+        import redis
+
+        for node in self.nodes:
+            node.start(timeout)
+        clients = [redis.Redis(host=n.host, port=n.port) for n in self.nodes]  # set-up port
+        try:
+            slots, n = 16_384, len(self.nodes)
+            for i, client in enumerate(clients):
+                client.execute_command(
+                    "CLUSTER ADDSLOTS", *range(i * slots // n, (i + 1) * slots // n)
+                )
+            for node in self.nodes[1:]:
+                clients[0].execute_command("CLUSTER MEET", node.host, node.tls_port, node.bus_port)
+            deadline = time.monotonic() + timeout
+            while True:
+                infos = [c.execute_command("CLUSTER INFO") for c in clients]
+                if all(
+                    i.get("cluster_state") == "ok" and int(i.get("cluster_known_nodes", 0)) == n
+                    for i in infos
+                ):
+                    return self
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"the TLS cluster did not form in {timeout:g} s: {infos}")
+                time.sleep(0.05)
+        finally:
+            for client in clients:
+                client.close()
+
+    def acl_user(self, user: str, password: str) -> None:
+        """The same ACL user on every node (ACLs are per node in Redis Cluster)."""
+        import redis
+
+        for node in self.nodes:
+            client = redis.Redis(host=node.host, port=node.port)
+            try:
+                client.execute_command("ACL", "SETUSER", user, "on", f">{password}", "~*", "+@all")
+            finally:
+                client.close()
+
+    def close(self) -> None:
+        for node in self.nodes:
+            node.close()
+
+
+@pytest.fixture(scope="session")
+def tls_redis_cluster(pki: Pki, tls_redis_binary: str) -> Iterator[TlsRedisCluster]:
+    """A 2-master Redis Cluster over TLS (client and bus): own key prefixes."""
+    cluster = TlsRedisCluster([TlsClusterNode(pki, binary=tls_redis_binary) for _ in range(2)])
+    try:
+        yield cluster.start(scale_timeout(30))
+    finally:
+        cluster.close()

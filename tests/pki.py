@@ -3,7 +3,8 @@
 ``make_pki(folder)`` writes, in ``folder``::
 
     ca.pem                      the test CA the servers' certificates chain to
-    server.pem, server.key      for 127.0.0.1 and localhost (serverAuth)
+    server.pem, server.key      for 127.0.0.1 and localhost (serverAuth; clientAuth too:
+                                Redis Cluster nodes present it to each other)
     client.pem, client.key      a client certificate for mutual TLS (clientAuth)
     other-host.pem, .key        signed by the CA, but for other.invalid only
     rogue-ca.pem                a CA that signed nothing here: trusting it alone
@@ -105,7 +106,8 @@ def make_pki(folder: Path) -> Pki:
     _leaf(
         "server",
         "localhost",
-        leaf + "extendedKeyUsage=serverAuth\nsubjectAltName=IP:127.0.0.1,DNS:localhost\n",
+        leaf
+        + "extendedKeyUsage=serverAuth,clientAuth\nsubjectAltName=IP:127.0.0.1,DNS:localhost\n",
         folder,
     )
     _leaf("client", "cfnesa-worker", leaf + "extendedKeyUsage=clientAuth\n", folder)

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
-from redis.exceptions import RedisError
+from pydantic import SecretStr
+from redis.exceptions import RedisClusterException, RedisError
 
 from streaming.embedded import EmbeddedRedis
 from streaming.gateway import serve_gateway
@@ -433,3 +434,39 @@ async def test_gateway_refuses_to_start_on_a_wrong_redis_password(
     with pytest.raises(AuthenticationFailedError, match="redis at redis://"):
         await serve_gateway(settings, asyncio.Event())
     assert time.monotonic() - started < FAST_S
+
+
+async def test_state_store_on_a_tls_redis_cluster_with_an_acl_user(tls_redis_cluster, pki, unique):
+    """Redis Cluster over rediss:// with an ACL user: the options reach every node's
+    connection (the client follows CLUSTER SLOTS to the other node's TLS port)."""
+    tls_redis_cluster.acl_user(unique, "cluster-pw")
+    settings = Settings(
+        redis_url=tls_redis_cluster.tls_url,
+        redis_cluster=True,
+        redis_ssl_cafile=pki.ca,
+        redis_username=unique,
+        redis_password="cluster-pw",
+        key_prefix=unique,
+    )
+    store = StateStore.from_settings(settings)
+    ids = [f"call-{i}" for i in range(20)]  # hash tags spread over both masters
+    try:
+        assert await store.ping()
+        results = await store.commit([Commit(cid, None, 0, {"x": cid.encode()}) for cid in ids])
+        assert all(r.ok for r in results)
+        loaded = await store.load(ids)
+        assert {cid: s.fields["x"] for cid, s in loaded.items()} == {c: c.encode() for c in ids}
+        assert len(store.client.get_nodes()) == 2
+    finally:
+        await store.close()
+
+    wrong = StateStore.from_settings(
+        settings.model_copy(update={"redis_password": SecretStr("nope")})
+    )
+    try:
+        # RedisClusterException (not a RedisError) caused by the refused AUTH
+        with pytest.raises(RedisClusterException) as caught:
+            await wrong.ping()
+    finally:
+        await wrong.close()
+    assert isinstance(security_failure(caught.value), AuthenticationFailedError)

@@ -265,3 +265,30 @@ def test_invalid_security_settings_exit_2_before_connecting():
     done = _command(["worker"], {"CFNESA_KAFKA_SECURITY_PROTOCOL": "SASL_SSL"}, 60)
     assert done.returncode == 2
     assert "kafka_security_protocol SASL_SSL needs kafka_sasl_mechanism" in done.stderr
+
+
+async def test_worker_start_fails_fast_on_a_refused_redis_cluster_password(
+    tls_kafka, tls_redis_cluster, pki, engine, unique
+):
+    """On Redis Cluster the refusal arrives wrapped in a RedisClusterException (the
+    client cannot initialize): still named, still fatal."""
+    tls_redis_cluster.acl_user(unique, "right")
+    settings = _settings(
+        unique,
+        kafka_bootstrap=tls_kafka.bootstrap,
+        kafka_security_protocol="SSL",
+        kafka_ssl_cafile=pki.ca,
+        redis_url=tls_redis_cluster.tls_url,
+        redis_cluster=True,
+        redis_ssl_cafile=pki.ca,
+        redis_username=unique,
+        redis_password="wrong",
+    )
+    worker = Worker(settings, engine=engine)
+    started = time.monotonic()
+    try:
+        with pytest.raises(AuthenticationFailedError, match="authentication failed"):
+            await worker.start(asyncio.Event())
+    finally:
+        await worker.close()
+    assert time.monotonic() - started < FAST_S
