@@ -72,21 +72,18 @@ log = logging.getLogger(__name__)
 
 # Every security setting at its default: what `cfnesa demo` passes so that a shell
 # configured for production cannot point it at the embedded (plaintext) services.
+_SECURITY_SETTINGS = (
+    "kafka_security_",
+    "kafka_sasl_",
+    "kafka_ssl_",
+    "redis_username",
+    "redis_password",
+    "redis_ssl_",
+)
 PLAINTEXT: dict[str, Any] = {
-    "kafka_security_protocol": "PLAINTEXT",
-    "kafka_sasl_mechanism": None,
-    "kafka_sasl_username": None,
-    "kafka_sasl_password": None,
-    "kafka_sasl_password_file": None,
-    "kafka_ssl_cafile": None,
-    "kafka_ssl_certfile": None,
-    "kafka_ssl_keyfile": None,
-    "redis_username": None,
-    "redis_password": None,
-    "redis_password_file": None,
-    "redis_ssl_cafile": None,
-    "redis_ssl_certfile": None,
-    "redis_ssl_keyfile": None,
+    name: field.default
+    for name, field in Settings.model_fields.items()
+    if name.startswith(_SECURITY_SETTINGS)
 }
 
 _DIAGNOSE_TIMEOUT_S = 10.0

@@ -292,3 +292,29 @@ async def test_worker_start_fails_fast_on_a_refused_redis_cluster_password(
     finally:
         await worker.close()
     assert time.monotonic() - started < FAST_S
+
+
+def test_the_demo_stays_plaintext_whatever_the_shell_exports(monkeypatch, pki):
+    """`cfnesa demo` runs on embedded plaintext services: security settings exported
+    for production reach neither its own clients nor its child processes."""
+    from streaming.security import PLAINTEXT, redis_client_options
+    from workers.demo import _env
+
+    exported = {
+        "CFNESA_KAFKA_SECURITY_PROTOCOL": "SASL_SSL",
+        "CFNESA_KAFKA_SASL_MECHANISM": "SCRAM-SHA-512",
+        "CFNESA_KAFKA_SASL_USERNAME": "prod",
+        "CFNESA_KAFKA_SASL_PASSWORD": "prod-password",
+        "CFNESA_KAFKA_SSL_CAFILE": str(pki.ca),
+        "CFNESA_REDIS_USERNAME": "prod",
+        "CFNESA_REDIS_PASSWORD_FILE": "/run/secrets/redis",
+    }
+    for name, value in exported.items():
+        monkeypatch.setenv(name, value)
+    assert Settings().kafka_security_protocol == "SASL_SSL"  # the shell's, as exported
+    settings = Settings(**PLAINTEXT, kafka_bootstrap="127.0.0.1:1")
+    assert kafka_client_options(settings) == {"security_protocol": "PLAINTEXT"}
+    assert redis_client_options(settings) == {}
+    env = _env(settings.model_copy(update={"gateway_secret": "x" * 32}))
+    assert not set(exported) & set(env)
+    assert {f"CFNESA_{name.upper()}" for name in PLAINTEXT} >= set(exported)
