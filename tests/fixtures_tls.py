@@ -71,7 +71,9 @@ class TlsKafka:
         self.proxy.stop()
 
 
-def start_tls_kafka(pki: Pki, *, client_ca: Path | None = None, authentication: bool = False):
+def start_tls_kafka(
+    pki: Pki, *, client_ca: Path | None = None, authentication: bool = False
+) -> TlsKafka:
     port = free_port()
     proxy = TlsProxy(("127.0.0.1", port), pki.server_cert, pki.server_key, client_ca=client_ca)
     broker = EmbeddedKafka(port=port, advertised=proxy.address, authentication=authentication)
