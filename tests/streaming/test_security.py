@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from fixtures_services import scale_timeout
 from pydantic import SecretStr
 from redis.exceptions import RedisClusterException, RedisError
 
@@ -37,7 +38,7 @@ from streaming.settings import Settings
 from streaming.state_store import Commit, StateStore
 from streaming.topics import ensure_topics
 
-FAST_S = 10.0  # "fails fast": well under one retry backoff cycle of the loops
+FAST_S = scale_timeout(10)  # "fails fast": a retry loop would never end
 
 
 def _tls(kafka, pki, **extra) -> Settings:

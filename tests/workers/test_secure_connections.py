@@ -15,7 +15,7 @@ import time
 import pytest
 import redis.asyncio as aioredis
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
-from fixtures_services import FAST_GROUP
+from fixtures_services import FAST_GROUP, scale_timeout
 from support import CFNESA, check_outputs, interleave, make_calls, running
 
 from streaming.security import (
@@ -31,7 +31,7 @@ from workers.featurize import featurize
 from workers.tail import tail
 from workers.worker import Worker
 
-FAST_S = 10.0
+FAST_S = scale_timeout(10)  # "fails fast": a retry loop would never end
 
 
 async def _acl_user(url: str, user: str, password: str) -> None:
