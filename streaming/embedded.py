@@ -470,6 +470,13 @@ class EmbeddedKafka(_Server):
     transactions. Everything (topics, records, committed offsets, groups) is lost on
     stop/restart.
 
+    ``advertised`` (``host:port``) is the address metadata sends clients to, when
+    that is not the listener: a TLS-terminating proxy in front of the broker (Tansu
+    speaks plaintext; the TLS tests put one there: create topics through it then, as
+    ``topics`` here would be created over the plaintext listener and its metadata
+    would send the admin client to the proxy). ``authentication=True`` makes
+    Tansu require SASL (SCRAM-SHA-256/512) from every client.
+
     That is why ``topics`` exists: they are created on every start, restarts included,
     before :meth:`start` returns. Otherwise the first client to reconnect re-creates
     a topic implicitly with Tansu's default partition count (4), and a producer with
@@ -490,9 +497,15 @@ class EmbeddedKafka(_Server):
         log_path: str | os.PathLike[str] | None = None,
         binary: str | os.PathLike[str] | None = None,
         topics: Mapping[str, int] | None = None,
+        advertised: str | None = None,
+        authentication: bool = False,
     ) -> None:
         super().__init__(port=port, host=host, log_path=log_path, binary=binary)
         self.topics: dict[str, int] = dict(topics or {})
+        self.advertised = advertised
+        self.authentication = authentication
+        if authentication and self.topics:
+            raise ValueError("topics cannot be created on a broker that requires SASL")
 
     @property
     def bootstrap(self) -> str:
@@ -502,18 +515,22 @@ class EmbeddedKafka(_Server):
     def _default_binary(self) -> Path:
         return tansu_binary()
 
+    @property
+    def advertised_address(self) -> str:
+        """``host:port`` that metadata names: ``advertised``, else the listener."""
+        return self.advertised or self.bootstrap
+
     def _command(self, binary: Path, workdir: Path) -> list[str]:
-        url = f"tcp://{self.host}:{self.port}"
         return [
             str(binary),
             "broker",
             "--listener-url",
-            url,
+            f"tcp://{self.host}:{self.port}",
             "--advertised-listener-url",
-            url,
+            f"tcp://{self.advertised_address}",
             "--storage-engine",
             "memory://tansu/",
-        ]
+        ] + (["--authentication"] if self.authentication else [])
 
     def _env(self) -> dict[str, str]:
         return {k: v for k, v in os.environ.items() if k not in _TANSU_ENV}
@@ -526,9 +543,11 @@ class EmbeddedKafka(_Server):
             (error_code,) = struct.unpack_from(">h", body)
             if error_code != 0:
                 raise ValueError(f"ApiVersions error code {error_code}")
+            if self.authentication:
+                return  # Metadata needs SASL first: ApiVersions is all a probe may ask
             brokers = _metadata_brokers(_kafka_request(sock, _METADATA, 2, struct.pack(">i", 0)))
-        if not any((host, port) == (self.host, self.port) for _, host, port in brokers):
-            raise ValueError(f"broker advertises {brokers}, expected {self.bootstrap}")
+        if not any(f"{host}:{port}" == self.advertised_address for _, host, port in brokers):
+            raise ValueError(f"broker advertises {brokers}, expected {self.advertised_address}")
 
     def _after_start(self, timeout: float) -> None:
         if not self.topics:

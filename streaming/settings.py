@@ -4,21 +4,30 @@ Every setting has a default that works with `cfnesa services` on one machine;
 production points the same code at Apache Kafka and Redis (or Redis Cluster)
 by setting, for example, ``CFNESA_KAFKA_BOOTSTRAP=kafka-0:9092,kafka-1:9092``
 and ``CFNESA_REDIS_URL=redis://redis:6379/0``. docs/operations.md lists them all.
+TLS and SASL for Kafka, TLS and ACL users for Redis are settings too (the
+kafka_security_* / redis_ssl_* groups below); `streaming.security` turns them
+into client options. Passwords are ``SecretStr``: never in a repr or a log.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Self
 
-from pydantic import Field
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+KafkaSecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
+KafkaSaslMechanism = Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"]
 
 
 class Settings(BaseSettings):
     """What a worker, featurizer, replayer or gateway reads from its environment."""
 
-    model_config = SettingsConfigDict(env_prefix="CFNESA_", extra="ignore", frozen=True)
+    # hide_input_in_errors: a validation error must not print the passwords it was given
+    model_config = SettingsConfigDict(
+        env_prefix="CFNESA_", extra="ignore", frozen=True, hide_input_in_errors=True
+    )
 
     # --- Kafka
     kafka_bootstrap: str = Field(
@@ -45,9 +54,53 @@ class Settings(BaseSettings):
         "adds ~150 ms of latency on Tansu)",
     )
 
+    # --- Kafka security (docs/operations.md, "Secure connections"; streaming/security.py)
+    kafka_security_protocol: KafkaSecurityProtocol = Field(
+        default="PLAINTEXT",
+        description="PLAINTEXT, SSL (TLS), SASL_PLAINTEXT or SASL_SSL (SASL over TLS)",
+    )
+    kafka_sasl_mechanism: KafkaSaslMechanism | None = Field(
+        default=None, description="SASL_*: PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512"
+    )
+    kafka_sasl_username: str | None = None
+    kafka_sasl_password: SecretStr | None = Field(
+        default=None, description="never logged; or kafka_sasl_password_file"
+    )
+    kafka_sasl_password_file: Path | None = Field(
+        default=None, description="a file holding the SASL password (a mounted Secret)"
+    )
+    kafka_ssl_cafile: Path | None = Field(
+        default=None, description="CA bundle (PEM) to verify the brokers (default: the system's)"
+    )
+    kafka_ssl_certfile: Path | None = Field(
+        default=None, description="client certificate (PEM) for mutual TLS"
+    )
+    kafka_ssl_keyfile: Path | None = Field(
+        default=None, description="the client certificate's private key (PEM)"
+    )
+
     # --- Redis
-    redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_url: str = Field(
+        default="redis://127.0.0.1:6379/0", description="redis://, or rediss:// for TLS"
+    )
     redis_cluster: bool = Field(default=False, description="use the Redis Cluster client")
+    redis_username: str | None = Field(default=None, description="ACL user (Redis 6+)")
+    redis_password: SecretStr | None = Field(
+        default=None, description="never logged; or redis_password_file"
+    )
+    redis_password_file: Path | None = Field(
+        default=None, description="a file holding the Redis password (a mounted Secret)"
+    )
+    redis_ssl_cafile: Path | None = Field(
+        default=None,
+        description="rediss://: CA bundle (PEM) to verify Redis (default: the system's)",
+    )
+    redis_ssl_certfile: Path | None = Field(
+        default=None, description="rediss://: client certificate (PEM) for mutual TLS"
+    )
+    redis_ssl_keyfile: Path | None = Field(
+        default=None, description="rediss://: the client certificate's private key (PEM)"
+    )
     key_prefix: str = Field(default="cfnesa", description="prefix of every Redis key")
     state_ttl_s: int = Field(
         default=3_600, ge=1, description="idle conversations expire after this"
@@ -95,6 +148,71 @@ class Settings(BaseSettings):
     metrics_port: int = Field(default=9400, ge=0, le=65535, description="0: no metrics server")
     log_level: str = "INFO"
 
+    @model_validator(mode="after")
+    def _check_security(self) -> Self:
+        """Security settings that cannot work together are refused at start, by name."""
+        problems = []
+        protocol = self.kafka_security_protocol
+        sasl = protocol.startswith("SASL_")
+        tls = protocol in ("SSL", "SASL_SSL")
+        if sasl:
+            if self.kafka_sasl_mechanism is None:
+                problems.append(f"kafka_security_protocol {protocol} needs kafka_sasl_mechanism")
+            if not self.kafka_sasl_username:
+                problems.append(f"kafka_security_protocol {protocol} needs kafka_sasl_username")
+            if self.kafka_sasl_password is None and self.kafka_sasl_password_file is None:
+                problems.append(
+                    f"kafka_security_protocol {protocol} needs kafka_sasl_password or "
+                    "kafka_sasl_password_file"
+                )
+        else:
+            given = [
+                name
+                for name in (
+                    "kafka_sasl_mechanism",
+                    "kafka_sasl_username",
+                    "kafka_sasl_password",
+                    "kafka_sasl_password_file",
+                )
+                if getattr(self, name) is not None
+            ]
+            if given:
+                problems.append(
+                    f"{', '.join(given)} set but kafka_security_protocol is {protocol} "
+                    "(SASL_SSL or SASL_PLAINTEXT uses them)"
+                )
+        if self.kafka_sasl_password is not None and self.kafka_sasl_password_file is not None:
+            problems.append("give kafka_sasl_password or kafka_sasl_password_file, not both")
+        kafka_tls = ("kafka_ssl_cafile", "kafka_ssl_certfile", "kafka_ssl_keyfile")
+        given = [name for name in kafka_tls if getattr(self, name) is not None]
+        if given and not tls:
+            problems.append(
+                f"{', '.join(given)} set but kafka_security_protocol is {protocol} "
+                "(SSL or SASL_SSL uses them)"
+            )
+        problems += _cert_key_pair("kafka", self.kafka_ssl_certfile, self.kafka_ssl_keyfile)
+
+        rediss = self.redis_url.startswith("rediss://")
+        redis_tls = ("redis_ssl_cafile", "redis_ssl_certfile", "redis_ssl_keyfile")
+        given = [name for name in redis_tls if getattr(self, name) is not None]
+        if given and not rediss:
+            problems.append(f"{', '.join(given)} set but redis_url is not a rediss:// URL")
+        problems += _cert_key_pair("redis", self.redis_ssl_certfile, self.redis_ssl_keyfile)
+        if self.redis_password is not None and self.redis_password_file is not None:
+            problems.append("give redis_password or redis_password_file, not both")
+        if _url_has_credentials(self.redis_url) and (
+            self.redis_username is not None
+            or self.redis_password is not None
+            or self.redis_password_file is not None
+        ):
+            problems.append(
+                "redis_url carries a user or password and redis_username / redis_password "
+                "are set too: give them in one place"
+            )
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
     def bootstrap_servers(self) -> list[str]:
         return [s.strip() for s in self.kafka_bootstrap.split(",") if s.strip()]
 
@@ -125,3 +243,20 @@ class Settings(BaseSettings):
     snapshot_events: int | None = Field(
         default=None, ge=1, description="gateway: events per snapshot (default: recent_events)"
     )
+
+
+def _cert_key_pair(service: str, certfile: Path | None, keyfile: Path | None) -> list[str]:
+    if certfile is not None and keyfile is None:
+        return [
+            f"{service}_ssl_certfile needs {service}_ssl_keyfile (the client certificate's key)"
+        ]
+    if keyfile is not None and certfile is None:
+        return [f"{service}_ssl_keyfile needs {service}_ssl_certfile"]
+    return []
+
+
+def _url_has_credentials(url: str) -> bool:
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    return bool(parts.username or parts.password)

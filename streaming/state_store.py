@@ -21,9 +21,14 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import redis.asyncio as aioredis
+
+from streaming.security import redis_client_options
+
+if TYPE_CHECKING:
+    from streaming.settings import Settings
 
 SEQ = b"seq"
 
@@ -111,10 +116,21 @@ class StateStore:
 
     @classmethod
     def connect(
-        cls, url: str, *, cluster: bool = False, prefix: str = "cfnesa", recent_events: int = 64
+        cls,
+        url: str,
+        *,
+        cluster: bool = False,
+        prefix: str = "cfnesa",
+        recent_events: int = 64,
+        client_options: Mapping[str, Any] | None = None,
     ) -> StateStore:
-        """A store on a Redis URL (``cluster``: Redis Cluster, any node's URL)."""
+        """A store on a Redis URL (``cluster``: Redis Cluster, any node's URL).
+
+        ``client_options`` go to redis-py's ``from_url`` (TLS files, ACL user and
+        password: `streaming.security.redis_client_options`).
+        """
         opts: dict[str, Any] = {"socket_timeout": 5.0, "socket_connect_timeout": 2.0}
+        opts.update(client_options or {})
         if cluster:
             from redis.asyncio.cluster import RedisCluster
 
@@ -122,6 +138,18 @@ class StateStore:
         else:
             client = aioredis.from_url(url, **opts)
         return cls(client, prefix=prefix, recent_events=recent_events)
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> StateStore:
+        """A store on the settings' Redis: URL, cluster, key prefix, recent events, and
+        the TLS and ACL settings (no I/O yet: the first command connects)."""
+        return cls.connect(
+            settings.redis_url,
+            cluster=settings.redis_cluster,
+            prefix=settings.key_prefix,
+            recent_events=settings.recent_events,
+            client_options=redis_client_options(settings),
+        )
 
     def state_key(self, conversation_id: str) -> str:
         return f"{self.prefix}:{{{_tag(conversation_id)}}}:state"

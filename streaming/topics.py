@@ -12,10 +12,13 @@ import asyncio
 import logging
 import time
 from collections.abc import Iterable, Mapping
+from typing import Any
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaConnectionError, KafkaError
 from aiokafka.structs import ConsumerRecord, OffsetAndMetadata, TopicPartition
+
+from streaming.security import start_kafka_client
 
 __all__ = [
     "EMOTION_EVENTS",
@@ -47,6 +50,8 @@ async def ensure_topics(
     topics: Mapping[str, int],
     timeout: float = 30,  # noqa: ASYNC109 (one deadline over connect, create and poll)
     replication_factor: int = 1,
+    *,
+    security: Mapping[str, Any] | None = None,
 ) -> dict[str, int]:
     """Create the topics that do not exist yet and wait until metadata shows them.
 
@@ -60,12 +65,16 @@ async def ensure_topics(
         timeout: seconds for the whole operation; a broker that is not up yet is
             retried until then.
         replication_factor: replicas per partition (1 for the embedded broker).
+        security: the clients' TLS / SASL options
+            (`streaming.security.kafka_client_options`); None: plaintext.
 
     Returns:
         topic name -> partition count as the cluster reports it.
 
     Raises:
         TopicSetupError: the broker refused a topic, or the deadline passed.
+        streaming.security.ConnectionSecurityError: authentication or TLS failed (at
+            once, not retried until the deadline).
     """
     if not topics:
         return {}
@@ -73,7 +82,7 @@ async def ensure_topics(
     if bad:
         raise ValueError(f"partition counts must be >= 1: {bad}")
     deadline = time.monotonic() + timeout
-    admin = await _connect(bootstrap, deadline)
+    admin = await _connect(bootstrap, deadline, security or {})
     try:
         created = await _create(admin, topics, replication_factor, deadline)
         return await _wait_for_metadata(admin, topics, created, deadline)
@@ -87,8 +96,11 @@ async def ensure_topics(
         await admin.close()
 
 
-async def _connect(bootstrap: str, deadline: float) -> AIOKafkaAdminClient:
-    """A started admin client; retries a broker that refuses until the deadline."""
+async def _connect(
+    bootstrap: str, deadline: float, security: Mapping[str, Any]
+) -> AIOKafkaAdminClient:
+    """A started admin client; retries a broker that refuses until the deadline (a
+    security failure is raised at once)."""
     last: Exception | None = None
     backoff_s = _RETRY_S
     while (remaining := deadline - time.monotonic()) > 0:
@@ -96,9 +108,10 @@ async def _connect(bootstrap: str, deadline: float) -> AIOKafkaAdminClient:
             bootstrap_servers=bootstrap,
             request_timeout_ms=max(1000, int(remaining * 1000)),
             client_id="cfnesa-topics",
+            **security,
         )
         try:
-            await asyncio.wait_for(admin.start(), remaining)
+            await asyncio.wait_for(start_kafka_client(admin, bootstrap, security), remaining)
             return admin
         except (KafkaConnectionError, TimeoutError) as exc:
             last = exc

@@ -479,15 +479,36 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _describe(exc: Any) -> str:
+    """A pydantic ValidationError as one line per problem, without the input values
+    (they may hold passwords)."""
+    lines = []
+    for error in exc.errors(include_url=False, include_input=False):
+        where = ".".join(str(part) for part in error["loc"])
+        message = str(error["msg"]).removeprefix("Value error, ")
+        lines.append(f"{where}: {message}" if where else message)
+    return "; ".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from pydantic import ValidationError
+
     from model.errors import CFNESAError
+    from streaming.security import ConnectionSecurityError
 
     try:
         return int(args.func(args))
     except CFNESAError as exc:
         print(f"cfnesa: {exc}", file=sys.stderr)
         return 1
+    except ConnectionSecurityError as exc:
+        # a wrong password or an untrusted certificate: a restart will not fix it
+        print(f"cfnesa: {exc}", file=sys.stderr)
+        return 1
+    except ValidationError as exc:  # CFNESA_* settings that cannot work
+        print(f"cfnesa: invalid settings: {_describe(exc)}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("cfnesa: interrupted", file=sys.stderr)
         return 130

@@ -9,6 +9,10 @@
 
 Ctrl-C stops everything within a few seconds: the child processes get SIGTERM
 (and die with this process anyway: PR_SET_PDEATHSIG), the services are stopped.
+
+The embedded services speak plaintext on loopback, so the demo and its children
+run with every TLS / SASL / Redis credential setting at its default, whatever the
+shell exports (a terminal set up for production must not point them elsewhere).
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from aiokafka import AIOKafkaConsumer
 from streaming.embedded import Services, free_port
 from streaming.events import SummaryEvent, load_output
 from streaming.gateway.auth import TokenSigner
+from streaming.security import PLAINTEXT, kafka_client_options, start_kafka_client
 from streaming.settings import Settings
 from workers.processes import http_get, spawn
 from workers.processes import stop as stop_processes
@@ -36,7 +41,9 @@ from workers.tail import format_event
 
 
 def _env(settings: Settings) -> dict[str, str]:
-    env = dict(os.environ)
+    # the children read their settings from here: no security setting leaks in
+    security = {f"CFNESA_{name.upper()}" for name in PLAINTEXT}
+    env = {k: v for k, v in os.environ.items() if k not in security}
     env.update(
         {
             "CFNESA_GATEWAY_SECRET": settings.gateway_secret or "",
@@ -69,6 +76,7 @@ async def _wait_ready(port: int, procs: list[subprocess.Popen[bytes]], logs: Pat
 async def _show(
     settings: Settings, stop: asyncio.Event, out: TextIO, color: bool, counts: dict[str, Any]
 ) -> None:
+    security = kafka_client_options(settings)
     consumer = AIOKafkaConsumer(
         settings.output_topic,
         bootstrap_servers=settings.bootstrap_servers(),
@@ -76,8 +84,9 @@ async def _show(
         auto_offset_reset="earliest",
         fetch_max_wait_ms=settings.fetch_max_wait_ms,
         enable_auto_commit=False,
+        **security,
     )
-    await consumer.start()
+    await start_kafka_client(consumer, settings.bootstrap_servers(), security)
     try:
         while not stop.is_set():
             batches = await consumer.getmany(timeout_ms=200)
@@ -120,7 +129,7 @@ async def run_demo(
     if limit is not None:
         dialogues = dialogues[:limit]
     logs = Path(tempfile.mkdtemp(prefix="cfnesa-demo-"))
-    base = Settings()
+    base = Settings(**PLAINTEXT)
     topics = {
         base.input_topic: 4,
         base.output_topic: 4,
@@ -134,6 +143,7 @@ async def run_demo(
     counts: dict[str, Any] = {}
     try:
         settings = Settings(
+            **PLAINTEXT,
             kafka_bootstrap=services.bootstrap,
             redis_url=services.redis_url,
             metrics_port=free_port(),

@@ -66,6 +66,12 @@ from streaming.events import (
     format_ts,
     utterance_event,
 )
+from streaming.security import (
+    kafka_client_options,
+    redact_url,
+    security_failure,
+    start_kafka_client,
+)
 from streaming.settings import Settings
 from streaming.state_store import StateStore
 from streaming.topics import next_offsets
@@ -232,24 +238,22 @@ async def featurize(
 
     Returns:
         Counts of what was produced.
+
+    Raises:
+        streaming.security.ConnectionSecurityError: authentication or TLS failed at
+            start (Kafka, or Redis for an encoder that reads context): fatal, where an
+            unreachable broker or Redis is waited for.
     """
+    security = kafka_client_options(settings)
     loop = asyncio.get_running_loop()
     executor = ThreadPoolExecutor(1, thread_name_prefix="cfnesa-featurize")
-    if encoder is None:
-        encoder = await loop.run_in_executor(
-            executor,
-            _load_encoder,
-            settings.torch_threads,
-            settings.encoder_backend,
-            settings.encoder_adapter,
-            settings.checkpoint,
-        )
     servers = settings.bootstrap_servers()
     producer = AIOKafkaProducer(
         bootstrap_servers=servers,
         acks="all",
         linger_ms=2,
         max_request_size=max(settings.max_message_bytes * 2, 1_048_576),
+        **security,
     )
     consumer = AIOKafkaConsumer(
         bootstrap_servers=servers,
@@ -260,17 +264,32 @@ async def featurize(
         session_timeout_ms=settings.session_timeout_ms,
         heartbeat_interval_ms=settings.heartbeat_interval_ms,
         max_poll_interval_ms=settings.max_poll_interval_ms,
+        **security,
     )
     stats = FeaturizeStats()
-    context = int(getattr(encoder, "context", 0))
     own_store = None
-    if context and store is None:
-        store = own_store = StateStore.connect(
-            settings.redis_url, cluster=settings.redis_cluster, prefix=settings.key_prefix
-        )
     try:
-        if not await _start(producer, stop) or not await _start(consumer, stop):
+        # the producer first: a wrong password or CA fails before the encoder loads
+        if not await _start(producer, stop, servers, security):
             return stats
+        if encoder is None:
+            encoder = await loop.run_in_executor(
+                executor,
+                _load_encoder,
+                settings.torch_threads,
+                settings.encoder_backend,
+                settings.encoder_adapter,
+                settings.checkpoint,
+            )
+        context = int(getattr(encoder, "context", 0))
+        if context and store is None:
+            store = own_store = StateStore.from_settings(settings)
+        if not await _start(consumer, stop, servers, security):
+            return stats
+        if context and store is not None:
+            ok, _ = await _retry_redis("start-up", store.ping, stop, settings.redis_url)
+            if not ok:
+                return stats
         consumer.subscribe([settings.text_topic])
         log.info(
             "featurizer up: %s -> %s (group %s, %s%s)",
@@ -340,12 +359,18 @@ def _load_encoder(
     return TextEncoder(threads=threads or None, backend=backend, adapter=chosen)
 
 
-async def _start(client: AIOKafkaProducer | AIOKafkaConsumer, stop: asyncio.Event) -> bool:
-    """Start a Kafka client, retrying with backoff until it connects or ``stop`` is set."""
+async def _start(
+    client: AIOKafkaProducer | AIOKafkaConsumer,
+    stop: asyncio.Event,
+    servers: list[str],
+    security: dict[str, Any],
+) -> bool:
+    """Start a Kafka client, retrying with backoff until it connects or ``stop`` is set;
+    a security failure (wrong password, untrusted certificate) is raised at once."""
     delay = 0.2
     while not stop.is_set():
         try:
-            await client.start()
+            await start_kafka_client(client, servers, security)
             return True
         except KafkaError as exc:
             log.warning("kafka unavailable (%s); retrying in %.1fs", exc, delay)
@@ -382,16 +407,22 @@ def _validate(record: ConsumerRecord, max_bytes: int) -> TextUtterance | TextEnd
         return bad
 
 
-async def _retry_redis(what: str, call: Any, stop: asyncio.Event) -> tuple[bool, Any]:
+async def _retry_redis(
+    what: str, call: Any, stop: asyncio.Event, url: str = ""
+) -> tuple[bool, Any]:
     """(True, result) of ``await call()``, retried with backoff while Redis is
-    unreachable; (False, None) when ``stop`` is set first."""
-    from redis.exceptions import RedisError
+    unreachable; (False, None) when ``stop`` is set first. A security failure (wrong
+    password, untrusted certificate) is raised, not retried."""
+    from redis.exceptions import RedisClusterException, RedisError
 
     delay = 0.2
     while not stop.is_set():
         try:
             return True, await call()
-        except (RedisError, OSError) as exc:
+        except (RedisError, RedisClusterException, OSError) as exc:
+            failure = security_failure(exc, service="redis", address=redact_url(url))
+            if failure is not None:
+                raise failure from exc
             log.warning("redis unavailable for %s (%s); retrying in %.1fs", what, exc, delay)
             await _sleep_unless(stop, delay)
             delay = min(delay * 2, 5.0)
@@ -430,7 +461,7 @@ async def _remember(
         await store.remember_texts(texts, k, settings.state_ttl_s)
         await store.forget_texts(ended, settings.ended_ttl_s)
 
-    ok, _ = await _retry_redis("call context", write, stop)
+    ok, _ = await _retry_redis("call context", write, stop, settings.redis_url)
     return ok
 
 

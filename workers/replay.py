@@ -34,6 +34,7 @@ import numpy as np
 from aiokafka import AIOKafkaProducer
 
 from streaming.events import end_event, utc_now_iso, utterance_event
+from streaming.security import kafka_client_options, start_kafka_client
 from streaming.settings import Settings
 from workers.featurize import text_end_message, text_message
 
@@ -131,8 +132,8 @@ async def replay(
     """Play dialogues as concurrent calls into Kafka.
 
     Args:
-        settings: bootstrap servers and topics (input_topic for features,
-            text_topic for text).
+        settings: bootstrap servers, their TLS / SASL settings, and topics
+            (input_topic for features, text_topic for text).
         dialogues: the transcripts to play, in order (see
             `model.data.read_transcripts`).
         calls: how many calls run at once.
@@ -155,6 +156,7 @@ async def replay(
         ValueError: bad calls or mode, or no dialogues.
         aiokafka.errors.KafkaError: the broker refused a message after the
             producer's own retries.
+        streaming.security.ConnectionSecurityError: authentication or TLS failed.
     """
     if calls < 1:
         raise ValueError(f"calls must be >= 1, got {calls}")
@@ -166,12 +168,14 @@ async def replay(
     tag = new_run_tag() if run_tag is None else run_tag
     stats = ReplayStats(run_tag=tag)
     started = time.monotonic()
+    security = kafka_client_options(settings)
     executor = ThreadPoolExecutor(1, thread_name_prefix="cfnesa-replay")
     producer = AIOKafkaProducer(
         bootstrap_servers=settings.bootstrap_servers(),
         acks="all",
         linger_ms=2,
         max_request_size=max(settings.max_message_bytes * 2, 1_048_576),
+        **security,
     )
     bar: tqdm[None] | None = None
     queue: asyncio.Queue[_Call | None] = asyncio.Queue(maxsize=2 * calls)
@@ -180,7 +184,8 @@ async def replay(
     relay = asyncio.create_task(_set_when(stop, halt))
     feeder: asyncio.Task[None] | None = None
     try:
-        await producer.start()  # first: a wrong bootstrap fails before the model loads
+        # first: a wrong bootstrap or password fails before the model loads
+        await start_kafka_client(producer, settings.bootstrap_servers(), security)
         if mode == "features" and encoder is None:
             encoder = await asyncio.get_running_loop().run_in_executor(executor, _load_encoder)
         bar = _progress_bar(None if loop else sum(d.length for d in dialogues), progress)

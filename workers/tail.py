@@ -28,6 +28,7 @@ from aiokafka import AIOKafkaConsumer
 from pydantic import ValidationError
 
 from streaming.events import AlertEvent, EmotionEvent, SummaryEvent, load_output
+from streaming.security import kafka_client_options, start_kafka_client
 from streaming.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -141,7 +142,7 @@ async def tail(
     """Print events from ``settings.output_topic`` until ``stop`` is set.
 
     Args:
-        settings: bootstrap servers and the output topic.
+        settings: bootstrap servers, their TLS / SASL settings, and the output topic.
         stop: set it to return.
         out: where to print.
         from_beginning: read the topic from its first offset instead of its end.
@@ -153,9 +154,14 @@ async def tail(
 
     Returns:
         The number of events printed.
+
+    Raises:
+        aiokafka.errors.KafkaError: the broker cannot be reached.
+        streaming.security.ConnectionSecurityError: authentication or TLS failed.
     """
     if color is None:
         color = out.isatty()
+    security = kafka_client_options(settings)
     consumer = AIOKafkaConsumer(
         settings.output_topic,
         bootstrap_servers=settings.bootstrap_servers(),
@@ -163,9 +169,10 @@ async def tail(
         enable_auto_commit=False,
         auto_offset_reset="earliest" if from_beginning else "latest",
         fetch_max_wait_ms=settings.fetch_max_wait_ms,
+        **security,
     )
     printed = 0
-    await consumer.start()
+    await start_kafka_client(consumer, settings.bootstrap_servers(), security)
     try:
         while not stop.is_set() and (max_events is None or printed < max_events):
             batches = await consumer.getmany(timeout_ms=200)

@@ -19,6 +19,9 @@ not from Kafka transactions (the embedded broker has none):
   then drops the cache entry, reloads and redoes that conversation.
 - Redis or Kafka down: the batch is retried with backoff; offsets are
   committed only after its outputs are produced.
+- A wrong password or an untrusted certificate is not an outage: start-up raises
+  `streaming.security.ConnectionSecurityError` naming the cause instead of
+  retrying (`cfnesa worker` exits 1).
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ from redis.exceptions import (
     ClusterDownError,
     OutOfMemoryError,
     ReadOnlyError,
+    RedisClusterException,
     RedisError,
     ResponseError,
     SlotNotCoveredError,
@@ -70,6 +74,12 @@ from streaming.events import (
     format_ts,
     parse_input,
     utc_now_iso,
+)
+from streaming.security import (
+    kafka_client_options,
+    redact_url,
+    security_failure,
+    start_kafka_client,
 )
 from streaming.settings import Settings
 from streaming.state_store import Commit, StateStore
@@ -200,12 +210,7 @@ class Worker:
         )
         self.faults = FaultPlan(os.environ.get("CFNESA_FAULTS"))
         self.cache: OrderedDict[str, Conv] = OrderedDict()
-        self.store = StateStore.connect(
-            settings.redis_url,
-            cluster=settings.redis_cluster,
-            prefix=settings.key_prefix,
-            recent_events=settings.recent_events,
-        )
+        self.store = StateStore.from_settings(settings)
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="cfnesa-step")
         self._lock = asyncio.Lock()  # a rebalance waits for the batch in flight
         self._consumer: AIOKafkaConsumer | None = None
@@ -218,24 +223,33 @@ class Worker:
     # ------------------------------------------------------------ lifecycle
 
     async def start(self, stop: asyncio.Event | None = None) -> bool:
-        """Connect to Kafka (retried with backoff until ``stop``); False if stopped."""
+        """Connect to Kafka, then Redis (each retried with backoff until ``stop``);
+        False if stopped.
+
+        Raises:
+            streaming.security.ConnectionSecurityError: authentication or TLS failed
+                (a wrong password, an untrusted certificate, a missing file): fatal.
+        """
         stop = stop or asyncio.Event()
         s = self.settings
+        security = kafka_client_options(s)
+        servers = s.bootstrap_servers()
         if s.torch_threads:
             import torch
 
             torch.set_num_threads(s.torch_threads)
         if s.metrics_port:
             self._ops = await serve_ops(s.metrics_host, s.metrics_port, self.metrics, self.health)
-        self._producer = AIOKafkaProducer(
-            bootstrap_servers=s.bootstrap_servers(),
+        producer = self._producer = AIOKafkaProducer(
+            bootstrap_servers=servers,
             acks="all",
             linger_ms=1,
             max_request_size=max(s.max_message_bytes * 2, 1_048_576),
             request_timeout_ms=15_000,
+            **security,
         )
-        self._consumer = AIOKafkaConsumer(
-            bootstrap_servers=s.bootstrap_servers(),
+        consumer = self._consumer = AIOKafkaConsumer(
+            bootstrap_servers=servers,
             group_id=s.group_id,
             group_instance_id=s.group_instance_id,
             rebalance_timeout_ms=s.rebalance_timeout_ms,
@@ -247,12 +261,20 @@ class Worker:
             fetch_max_wait_ms=s.fetch_max_wait_ms,
             fetch_max_bytes=max(s.max_message_bytes * 4, 52_428_800),
             max_partition_fetch_bytes=max(s.max_message_bytes * 2, 1_048_576),
+            **security,
         )
-        if not await self._retry("kafka", self._producer.start, stop):
+        if not await self._retry(
+            "kafka", lambda: start_kafka_client(producer, servers, security), stop
+        ):
             return False
-        if not await self._retry("kafka", self._consumer.start, stop):
+        if not await self._retry(
+            "kafka", lambda: start_kafka_client(consumer, servers, security), stop
+        ):
             return False
-        self._consumer.subscribe([s.input_topic], listener=_Listener(self))
+        # Redis answers (and accepts the credentials) before the first batch needs it
+        if not await self._retry("redis", self.store.ping, stop):
+            return False
+        consumer.subscribe([s.input_topic], listener=_Listener(self))
         self._healthy_at = time.monotonic()
         log.info(
             "worker up: model %s, group %s, topic %s", self.model_id, s.group_id, s.input_topic
@@ -699,7 +721,12 @@ class Worker:
             try:
                 await fn()
                 return True
-            except (KafkaError, RedisError, OSError) as exc:
+            # RedisClusterException: a cluster client that cannot initialize (its cause
+            # may be a refused password); not a RedisError
+            except (KafkaError, RedisError, RedisClusterException, OSError) as exc:
+                failure = security_failure(exc, service=service, address=self._address(service))
+                if failure is not None:
+                    raise failure from exc
                 if not isinstance(exc, KafkaError) and not _redis_transient(exc):
                     raise
                 self.metrics.outages.labels(service).inc()
@@ -708,6 +735,11 @@ class Worker:
                     await asyncio.wait_for(stop.wait(), delay)
                 delay = min(delay * 2, 5.0)
         return False
+
+    def _address(self, service: str) -> str:
+        if service == "kafka":
+            return self.settings.kafka_bootstrap
+        return redact_url(self.settings.redis_url)
 
     async def _until_done(
         self,
@@ -722,7 +754,10 @@ class Worker:
                 await fn(records)
                 self._outage = None
                 return True
-            except (RedisError, OSError) as exc:
+            except (RedisError, RedisClusterException, OSError) as exc:
+                failure = security_failure(exc, service="redis", address=self._address("redis"))
+                if failure is not None:
+                    raise failure from exc  # credentials revoked or rotated: not an outage
                 if not _redis_transient(exc):
                     raise
                 service, err = "redis", exc

@@ -46,6 +46,12 @@ from streaming.gateway.protocol import (
     read_event,
 )
 from streaming.gateway.routes import StaticFiles, json_response, response
+from streaming.security import (
+    kafka_client_options,
+    redact_url,
+    security_failure,
+    start_kafka_client,
+)
 from streaming.settings import Settings
 from streaming.state_store import StateStore
 
@@ -102,12 +108,8 @@ class Gateway:
     async def run(self, stop: asyncio.Event, ready: Callable[[int], None] | None = None) -> None:
         """Serve until ``stop`` is set; ``ready(port)`` once clients can connect."""
         s = self.settings
-        self._store = StateStore.connect(
-            s.redis_url,
-            cluster=s.redis_cluster,
-            prefix=s.key_prefix,
-            recent_events=s.recent_events,
-        )
+        security = kafka_client_options(s)
+        self._store = StateStore.from_settings(s)
         consumer = self._consumer = AIOKafkaConsumer(
             s.output_topic,
             bootstrap_servers=s.bootstrap_servers(),
@@ -115,9 +117,11 @@ class Gateway:
             enable_auto_commit=False,
             auto_offset_reset="latest",
             fetch_max_wait_ms=s.fetch_max_wait_ms,  # live delivery: do not idle at the broker
+            **security,
         )
         try:
-            await consumer.start()
+            await start_kafka_client(consumer, s.bootstrap_servers(), security)
+            await self._check_redis()
             await self._pin_start_offsets(consumer)
             ping = s.ping_interval_s or None
             async with serve(
@@ -149,6 +153,19 @@ class Gateway:
                 await consumer.stop()
             with contextlib.suppress(Exception):
                 await self._store.close()
+
+    async def _check_redis(self) -> None:
+        """Raise a Redis security failure (wrong password, untrusted certificate) now;
+        an unreachable Redis only costs snapshots until it is back."""
+        assert self._store is not None
+        try:
+            await asyncio.wait_for(self._store.ping(), _SNAPSHOT_TIMEOUT_S)
+        except Exception as exc:
+            address = redact_url(self.settings.redis_url)
+            failure = security_failure(exc, service="redis", address=address)
+            if failure is not None:
+                raise failure from exc
+            log.warning("redis at %s unavailable at start-up (%s); snapshots wait", address, exc)
 
     async def _pin_start_offsets(self, consumer: AIOKafkaConsumer) -> None:
         # "latest" is resolved lazily, at the first fetch; resolve it now, so that an
@@ -394,6 +411,8 @@ async def serve_gateway(
     Raises:
         ConfigError: no usable gateway_secret.
         aiokafka.errors.KafkaError: the broker cannot be reached at start-up.
+        streaming.security.ConnectionSecurityError: Kafka or Redis refused the
+            credentials, or TLS failed (an untrusted certificate, a missing file).
     """
     await Gateway(settings, static_dir=static_dir).run(stop, ready)
 

@@ -202,7 +202,7 @@ def test_the_kustomization_applies_every_manifest_and_no_secret():
     on_disk = {p.name for p in K8S.glob("*.yaml")} - {"kustomization.yaml"}
     examples = {n for n in on_disk if n.endswith(".example.yaml")}
     assert set(listed) == on_disk - examples, "a manifest is not in the kustomization"
-    assert examples == {"gateway-secret.example.yaml"}
+    assert examples == {"gateway-secret.example.yaml", "connections-secret.example.yaml"}
     kinds = {o["kind"] for o in _k8s_objects()}
     assert "Secret" not in kinds, "a Secret would overwrite the real one on every apply"
     assert {"Namespace", "ConfigMap", "Deployment", "Service", "Ingress"} <= kinds
@@ -672,3 +672,23 @@ async def test_healthcheck_against_a_worker_endpoint(healthy):
     finally:
         server.close()
         await server.wait_closed()
+
+
+def test_connection_secrets_are_mounted_where_the_settings_point():
+    """The optional Secret with CA files and passwords (connections-secret.example.yaml)
+    is mounted by every pod at the folder the commented settings in configmap.yaml name,
+    and every file those settings name is a key of the example Secret."""
+    folder = "/etc/cfnesa/connections"
+    (example,) = _yaml_docs(K8S / "connections-secret.example.yaml")
+    assert example["kind"] == "Secret"
+    keys = set(example["stringData"])
+    named = set(re.findall(rf"{folder}/([\w.-]+)", (K8S / "configmap.yaml").read_text()))
+    assert named and named <= keys, f"configmap.yaml names files the Secret lacks: {named - keys}"
+    for name, template, container in _containers():
+        mounts = {m["name"]: m for m in container.get("volumeMounts", [])}
+        volumes = {v["name"]: v for v in template["spec"].get("volumes", [])}
+        assert mounts["connections"]["mountPath"] == folder, name
+        assert mounts["connections"]["readOnly"] is True, name
+        secret = volumes["connections"]["secret"]
+        assert secret["secretName"] == example["metadata"]["name"], name
+        assert secret["optional"] is True, f"{name}: plaintext deployments have no such Secret"
