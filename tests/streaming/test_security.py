@@ -311,7 +311,13 @@ async def test_redis_mutual_tls(tls_redis_factory, pki, unique):
     finally:
         await without.close()
     failure = security_failure(caught.value, service="redis", address=server.tls_url)
-    assert isinstance(failure, TlsError) and "CERTIFICATE_REQUIRED" in str(failure)
+    # TLS 1.3 refuses a missing client certificate after the handshake: the client reads
+    # the server's alert, or (seen under load) finds the connection reset before it can,
+    # and a bare reset is indistinguishable from an outage (NOTES.md)
+    if failure is None:
+        assert "reset" in str(caught.value).lower() or "closed" in str(caught.value).lower()
+    else:
+        assert isinstance(failure, TlsError) and "CERTIFICATE_REQUIRED" in str(failure)
 
 
 async def test_redis_untrusted_ca_is_named(tls_redis, pki, unique):
