@@ -674,7 +674,9 @@ async def test_the_demo_moves_the_dashboard(
             first = await page.evaluate(cells)
             await page.wait_for(f"{cells} > {first} + 2", scaled(30))  # it moves
             rows = await page.evaluate(ROWS_JS)
-            assert 1 <= len(rows) <= 3 and all(r["id"].startswith("call-") for r in rows), rows
+            # 3 calls at a time; ended ones stay listed (how many depends on the machine's pace)
+            active = [r for r in rows if not r["ended"]]
+            assert 1 <= len(active) <= 3 and all(r["id"].startswith("call-") for r in rows), rows
             speakers = {chip.split(": ")[0] for r in rows for chip in r["chips"]}
             assert speakers and speakers <= {"agent", "customer"}, rows
             await page.click(f'li.call[data-id="{rows[0]["id"]}"]')

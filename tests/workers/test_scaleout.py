@@ -127,6 +127,14 @@ async def test_three_workers_on_twelve_partitions_then_a_fourth_joins_and_one_di
             def done(n: int):
                 return lambda c: len(emotion_ids(c.of(s.output_topic))) >= n
 
+            # all three in the group first (a slow start, importing torch, would leave one
+            # out of the first rebalance on a loaded machine)
+            await out.wait(
+                lambda c: all(
+                    _assignments(log) and _assignments(log)[-1] != "[]" for log in logs[:3]
+                ),
+                180,
+            )
             await produce(s.kafka_bootstrap, s.input_topic, thirds[0])
             await out.wait(done(len(thirds[0])), 120)
             # the three split the 12 partitions between them
