@@ -249,3 +249,40 @@ def test_eval_alerts_command_on_a_tiny_trained_model(tmp_path: Path):
     assert report["random"]["alerts"] == report["product"]["alerts"]
     assert set(report["budgets"]) == {"2", "5", "10"}
     assert len(report["curve"]) > 100
+
+
+def test_fit_alerts_learns_a_head_from_cross_fitted_folds(tmp_path: Path, capsys):
+    from model.train import train
+    from workers.cli import main as cli
+
+    fs = synthetic(seed=5)
+    fs.save(tmp_path / "features.npz")
+    quiet = dict(progress=False, log=lambda *_: None)
+    train(fs, SMALL, FAST, tmp_path / "run", **quiet)
+    folds = []
+    for k in range(2):
+        train(fs.hold_out(2, k), SMALL, FAST, tmp_path / f"fold{k}", **quiet)
+        folds.append(str(tmp_path / f"fold{k}" / "best"))
+    held = [json.loads((Path(f) / "card.json").read_text())["heldout"] for f in folds]
+    train_ids = {d.dialogue_id for d in fs.split("train")}
+    assert set(held[0]) | set(held[1]) == train_ids and not set(held[0]) & set(held[1])
+    rules = tmp_path / "rules.toml"
+    rules.write_text('negative_emotions = ["upset"]\n[negative_onset]\nenabled = true\n')
+    args = ["--features", str(tmp_path / "features.npz"), "--rules", str(rules)]
+    code = cli(
+        ["fit-alerts", "--checkpoint", str(tmp_path / "run" / "best"), *args, "--crossfit", *folds]
+    )
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "validation chose" in printed and "naive rule" in printed
+    head = AlertHead.load(tmp_path / "run" / "best" / "alert_head.json")
+    assert set(head.operating_points) == {"p_negative", "alert_head"}
+    assert head.trained_on["utterances"] == sum(d.length for d in fs.split("train"))
+    assert head.trained_on["chosen_on_valid"] in head.trained_on["valid"]
+    # the worker's default rules now resolve against it, and eval-alerts runs with it
+    resolved = AlertRules.load(rules, head=head)
+    assert resolved.negative_onset.min_score is not None
+    out = tmp_path / "a.json"
+    assert cli(["eval-alerts", "--checkpoint", str(tmp_path / "run" / "best"), *args,
+                "--json", str(out)]) == 0  # fmt: skip
+    assert json.loads(out.read_text())["product"]["alerts"] > 0
