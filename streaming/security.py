@@ -49,6 +49,7 @@ from pydantic import SecretStr
 from redis.exceptions import AuthenticationError as RedisAuthenticationError
 from redis.exceptions import AuthenticationWrongNumberOfArgsError, ResponseError
 
+from streaming.errors import FatalError
 from streaming.settings import Settings
 
 __all__ = [
@@ -89,17 +90,16 @@ PLAINTEXT: dict[str, Any] = {
 _DIAGNOSE_TIMEOUT_S = 10.0
 
 
-class ConnectionSecurityError(RuntimeError):
+class ConnectionSecurityError(FatalError):
     """A secure connection cannot work as configured; retrying will not help."""
 
     retriable = False
 
     def __init__(self, reason: str, *, service: str = "", address: str = "") -> None:
         self.reason = reason
-        self.service = service
         self.address = address
         where = " at ".join(p for p in (service, address) if p)
-        super().__init__(f"{where}: {reason}" if where else reason)
+        super().__init__(f"{where}: {reason}" if where else reason, service=service)
 
 
 class SecurityConfigError(ConnectionSecurityError):

@@ -145,7 +145,15 @@ class Settings(BaseSettings):
 
     # --- operations
     metrics_host: str = "127.0.0.1"
-    metrics_port: int = Field(default=9400, ge=0, le=65535, description="0: no metrics server")
+    metrics_port: int = Field(
+        default=9400, ge=0, le=65535, description="the worker's /metrics and /healthz (0: none)"
+    )
+    featurizer_metrics_port: int = Field(
+        default=9401,
+        ge=0,
+        le=65535,
+        description="the featurizer's /metrics and /healthz (0: none)",
+    )
     log_level: str = "INFO"
 
     @model_validator(mode="after")

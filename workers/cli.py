@@ -495,15 +495,16 @@ def main(argv: list[str] | None = None) -> int:
     from pydantic import ValidationError
 
     from model.errors import CFNESAError
-    from streaming.security import ConnectionSecurityError
+    from streaming.errors import FatalError
 
     try:
         return int(args.func(args))
     except CFNESAError as exc:
         print(f"cfnesa: {exc}", file=sys.stderr)
         return 1
-    except ConnectionSecurityError as exc:
-        # a wrong password or an untrusted certificate: a restart will not fix it
+    except FatalError as exc:
+        # a wrong password, an untrusted certificate, a missing topic, a refused
+        # request: waiting will not fix it, the orchestrator should see the failure
         print(f"cfnesa: {exc}", file=sys.stderr)
         return 1
     except ValidationError as exc:  # CFNESA_* settings that cannot work

@@ -75,8 +75,8 @@ async def test_a_slot_without_owner_pauses_the_worker_until_it_is_assigned_again
                 lambda c: w.metrics.outages.labels("redis")._value.get() >= 5, timeout=scaled(30)
             )
             ok, detail = w.health()
-            assert not ok and detail["outage"]["service"] == "redis"
-            assert detail["outage"]["since"] and detail["outage"]["cause"]
+            assert not ok and detail["outage"] == "redis"
+            assert detail["since"] and detail["cause"]
         finally:
             owner.execute_command("CLUSTER ADDSLOTS", slot)
             owner.close()
@@ -111,7 +111,7 @@ async def test_a_conflict_that_persists_retries_the_batch_instead_of_exiting(
             await admin.hset(key, "seq", "02")
             await produce(s.kafka_bootstrap, s.input_topic, msgs[3:])
             await out.wait(lambda c: w.health()[1]["outage"] is not None, timeout=scaled(30))
-            assert w.health()[1]["outage"]["service"] == "conflict"
+            assert w.health()[1]["outage"] == "conflict"
             await admin.hset(key, "seq", "2")
             await out.wait(lambda c: len(emotion_ids(c.of(s.output_topic))) == 6, scaled(30))
     finally:
@@ -171,7 +171,7 @@ def _featurizer_settings(kafka: EmbeddedKafka, redis_url: str, unique: str, **ex
         text_topic=f"{unique}-text",
         input_topic=f"{unique}-features",
         key_prefix=unique,
-        **{"metrics_port": 0, **extra},
+        **{"featurizer_metrics_port": 0, **extra},
     )
 
 
@@ -190,10 +190,11 @@ async def test_the_featurizer_serves_metrics_and_health_and_reports_a_redis_outa
     """Defect 4 (a): the featurizer had no /metrics and no /healthz. It serves both;
     while Redis is down /healthz says 503 with the cause and since when, and the
     featurizer resumes by itself once Redis is back."""
-    from workers.featurize import featurize, text_dlq_topic, text_message
+    from streaming.events import text_message
+    from workers.featurize import featurize, text_dlq_topic
 
     port = free_port()
-    s = _featurizer_settings(kafka, private_redis.url, unique, metrics_port=port)
+    s = _featurizer_settings(kafka, private_redis.url, unique, featurizer_metrics_port=port)
     await ensure_topics(kafka.bootstrap, {s.text_topic: 1, s.input_topic: 1, text_dlq_topic(s): 1})
     stop = asyncio.Event()
     task = asyncio.create_task(featurize(s, stop, _Encoder(), group_id=f"{unique}-f"))
@@ -217,7 +218,7 @@ async def test_the_featurizer_serves_metrics_and_health_and_reports_a_redis_outa
                 break
             assert time.monotonic() < deadline, health
             await asyncio.sleep(0.1)
-        assert health["outage"]["service"] == "redis" and health["outage"]["since"]
+        assert health["outage"] == "redis" and health["since"] and health["cause"]
         await asyncio.to_thread(private_redis.start)
         deadline = time.monotonic() + scaled(30)
         while "cfnesa_featurizer_utterances_total 2.0" not in str(
@@ -238,7 +239,8 @@ async def test_the_featurizer_stops_on_a_redis_error_that_waiting_cannot_fix(
     (a key holding something else: a bug or a key prefix shared by mistake). That is
     fatal: the featurizer stops with an error (`cfnesa featurize` exits 1)."""
     from streaming.errors import FatalError
-    from workers.featurize import featurize, text_dlq_topic, text_message
+    from streaming.events import text_message
+    from workers.featurize import featurize, text_dlq_topic
 
     s = _featurizer_settings(kafka, redis_server.url, unique)
     await ensure_topics(kafka.bootstrap, {s.text_topic: 1, s.input_topic: 1, text_dlq_topic(s): 1})
