@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -79,13 +80,16 @@ def redis_transient(exc: BaseException) -> bool:
     return False
 
 
-def classify(exc: BaseException, *, service: str = "", address: str = "") -> StreamError:
+def classify(
+    exc: BaseException, *, service: str = "", addresses: Mapping[str, str] | None = None
+) -> StreamError:
     """What ``exc`` means to a stream loop: a transient or a fatal `StreamError`.
 
     Args:
         exc: what the batch (or a start-up step) raised.
         service: "kafka" or "redis" when the caller knows which it was talking to.
-        address: where that service is, for the message (credentials redacted).
+        addresses: where each service is ("kafka", "redis"), for the messages
+            (credentials redacted).
 
     Returns:
         ``exc`` itself when it is a `StreamError` already, else a new one whose
@@ -97,7 +101,7 @@ def classify(exc: BaseException, *, service: str = "", address: str = "") -> Str
     is_redis = isinstance(exc, RedisError | RedisClusterException)
     if is_kafka or is_redis or isinstance(exc, OSError):
         name = "kafka" if is_kafka else "redis" if is_redis else service or "network"
-        failure = security_failure(exc, service=name, address=address)
+        failure = security_failure(exc, service=name, address=(addresses or {}).get(name, ""))
         if failure is not None:
             failure.__cause__ = exc
             return failure

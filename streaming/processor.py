@@ -64,7 +64,7 @@ class StreamCore:
         producer: where outputs go (acks=all).
         servers: the bootstrap servers (for diagnosing a failed start).
         security: the clients' security options (for the same).
-        address: the broker list, for messages.
+        redis_address: the Redis URL, credentials redacted, for messages.
         health: the health the loop reports on ``/healthz``.
         on_outage: called with the service of each transient failure (a metric).
         on_point: called at ``after_poll``, ``after_produce``, ``after_commit`` (fault
@@ -80,6 +80,7 @@ class StreamCore:
         *,
         servers: list[str],
         security: dict[str, Any],
+        redis_address: str = "",
         health: Health | None = None,
         on_outage: Callable[[str], None] | None = None,
         on_point: Callable[[str], None] | None = None,
@@ -90,6 +91,7 @@ class StreamCore:
         self.producer = producer
         self.servers = servers
         self.security = security
+        self.addresses = {"kafka": ",".join(servers), "redis": redis_address}
         self.health = health or Health()
         self.on_outage = on_outage or (lambda _service: None)
         self.on_point = on_point or (lambda _point: None)
@@ -241,7 +243,7 @@ class StreamCore:
             except (asyncio.CancelledError, KeyboardInterrupt):
                 raise
             except Exception as exc:  # classified: transient or fatal
-                error: StreamError = classify(exc, service=service)
+                error: StreamError = classify(exc, service=service, addresses=self.addresses)
                 if not error.retriable:
                     self.health.fatal = str(error)[:300]
                     if error is exc:

@@ -69,7 +69,7 @@ from streaming.events import (
 )
 from streaming.faults import Health
 from streaming.processor import Message, StreamCore
-from streaming.security import kafka_client_options
+from streaming.security import kafka_client_options, redact_url
 from streaming.settings import Settings
 from streaming.state_store import StateStore
 from workers.metrics import FeaturizerMetrics, serve_ops
@@ -161,6 +161,7 @@ class Featurizer:
             producer,
             servers=servers,
             security=security,
+            redis_address=redact_url(settings.redis_url),
             health=self.status,
             on_outage=lambda service: self.metrics.outages.labels(service).inc(),
             on_commit_refused=self.metrics.commit_failures.inc,
@@ -193,9 +194,6 @@ class Featurizer:
                 s.encoder_adapter,
                 s.checkpoint,
             )
-        topics = [s.text_topic, s.input_topic, text_dlq_topic(s)]
-        if not await self.core.check_topics(topics, stop):
-            return False
         self.context = int(getattr(self.encoder, "context", 0))
         if self.context:
             if self.store is None:
@@ -203,6 +201,9 @@ class Featurizer:
             store = self.store
             if not (await self.core.retry(store.ping, stop, service="redis", what="start"))[0]:
                 return False
+        topics = [s.text_topic, s.input_topic, text_dlq_topic(s)]
+        if not await self.core.check_topics(topics, stop):
+            return False
         self.core.subscribe([s.text_topic])
         log.info(
             "featurizer up: %s -> %s (group %s, %s%s)",

@@ -58,7 +58,7 @@ from streaming.events import (
 )
 from streaming.faults import Health
 from streaming.processor import Message, StreamCore
-from streaming.security import kafka_client_options
+from streaming.security import kafka_client_options, redact_url
 from streaming.settings import Settings as WorkerSettings
 from streaming.state_store import StateStore
 from workers.alert_eval import load_head
@@ -196,6 +196,7 @@ class Worker:
             producer,
             servers=servers,
             security=security,
+            redis_address=redact_url(s.redis_url),
             health=self.status,
             on_outage=lambda service: self.metrics.outages.labels(service).inc(),
             on_point=self.faults.reach,
@@ -203,10 +204,10 @@ class Worker:
         )
         if not await core.start_clients(stop):
             return False
-        if not await core.check_topics([s.input_topic, s.output_topic, s.dlq_topic], stop):
-            return False
         # Redis answers (and accepts the credentials) before the first batch needs it
         if not (await core.retry(self.store.ping, stop, service="redis", what="start"))[0]:
+            return False
+        if not await core.check_topics([s.input_topic, s.output_topic, s.dlq_topic], stop):
             return False
         core.subscribe([s.input_topic], listener=_Listener(self))
         log.info(
