@@ -50,7 +50,7 @@ from redis.exceptions import AuthenticationError as RedisAuthenticationError
 from redis.exceptions import AuthenticationWrongNumberOfArgsError, ResponseError
 
 from streaming.errors import FatalError
-from streaming.settings import Settings
+from streaming.settings import CommonSettings, Settings
 
 __all__ = [
     "PLAINTEXT",
@@ -170,7 +170,7 @@ def ssl_context(
     return context
 
 
-def kafka_client_options(settings: Settings) -> dict[str, Any]:
+def kafka_client_options(settings: CommonSettings) -> dict[str, Any]:
     """Keyword arguments for every aiokafka client (``AIOKafkaProducer``,
     ``AIOKafkaConsumer``, ``AIOKafkaAdminClient``) from the kafka_security_* settings.
 
@@ -197,7 +197,7 @@ def kafka_client_options(settings: Settings) -> dict[str, Any]:
     return options
 
 
-def redis_client_options(settings: Settings) -> dict[str, Any]:
+def redis_client_options(settings: CommonSettings) -> dict[str, Any]:
     """Keyword arguments for ``redis.asyncio.from_url`` and ``RedisCluster.from_url``
     from the redis_* security settings (TLS ones only for a ``rediss://`` URL).
 

@@ -267,7 +267,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     import asyncio
     import logging
 
-    from streaming.settings import Settings
+    from streaming.settings import WorkerSettings
     from workers.worker import serve
 
     overrides = {
@@ -281,7 +281,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         }.items()
         if v is not None
     }
-    settings = Settings(**overrides)
+    settings = WorkerSettings(**overrides)
     logging.basicConfig(
         level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )

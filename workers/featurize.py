@@ -70,7 +70,7 @@ from streaming.events import (
 from streaming.faults import Health
 from streaming.processor import Message, StreamCore
 from streaming.security import kafka_client_options, redact_url
-from streaming.settings import Settings
+from streaming.settings import FeaturizerSettings
 from streaming.state_store import StateStore
 from workers.metrics import FeaturizerMetrics, serve_ops
 
@@ -84,7 +84,7 @@ MAX_BATCH_MESSAGES = 64
 MAX_WAIT_MS = 20
 
 
-def text_dlq_topic(settings: Settings) -> str:
+def text_dlq_topic(settings: FeaturizerSettings) -> str:
     """The dead-letter topic of ``utterance-text``: ``<text_topic>.dlq``."""
     return f"{settings.text_topic}.dlq"
 
@@ -116,7 +116,7 @@ class Featurizer:
 
     def __init__(
         self,
-        settings: Settings,
+        settings: FeaturizerSettings,
         encoder: SentenceEncoder | None = None,
         *,
         group_id: str = GROUP_ID,
@@ -335,7 +335,7 @@ class Featurizer:
 
 
 async def featurize(
-    settings: Settings,
+    settings: FeaturizerSettings,
     stop: asyncio.Event,
     encoder: SentenceEncoder | None = None,
     *,

@@ -59,7 +59,7 @@ from streaming.events import (
 from streaming.faults import Health
 from streaming.processor import Message, StreamCore
 from streaming.security import kafka_client_options, redact_url
-from streaming.settings import Settings as WorkerSettings
+from streaming.settings import WorkerSettings
 from streaming.state_store import StateStore
 from workers.alert_eval import load_head
 from workers.conversations import Conversations
