@@ -53,7 +53,7 @@ from streaming.security import (
     security_failure,
     start_kafka_client,
 )
-from streaming.settings import Settings
+from streaming.settings import GatewaySettings
 from streaming.state_store import StateStore
 
 __all__ = ["CLOSE_TOKEN_EXPIRED", "CLOSE_TOO_SLOW", "WS_PATH", "Gateway", "serve_gateway"]
@@ -83,7 +83,7 @@ class Gateway:
         ConfigError: no gateway_secret (or one too short to be one).
     """
 
-    def __init__(self, settings: Settings, *, static_dir: Path | None = None) -> None:
+    def __init__(self, settings: GatewaySettings, *, static_dir: Path | None = None) -> None:
         if not settings.gateway_secret:
             raise ConfigError("gateway_secret (CFNESA_GATEWAY_SECRET) is required")
         try:
@@ -395,7 +395,7 @@ def _token(request: Request, query: str) -> str | None:
 
 
 async def serve_gateway(
-    settings: Settings,
+    settings: GatewaySettings,
     stop: asyncio.Event,
     *,
     ready: Callable[[int], None] | None = None,

@@ -255,3 +255,34 @@ async def test_the_featurizer_stops_on_a_redis_error_that_waiting_cannot_fix(
             await asyncio.wait_for(task, scaled(30))
     finally:
         stop.set()
+
+
+async def test_a_produce_the_broker_refuses_is_fatal_and_the_worker_exits_non_zero(
+    redis_server, engine, tmp_path: Path, scaled
+):
+    """Defect 3, at run time: the broker refuses every record produced to the output
+    topic (Tansu's schema registry validates that topic and refuses with error -1,
+    UNKNOWN_SERVER_ERROR, which aiokafka marks not retriable, like an authorization
+    failure). The worker used to retry that batch forever; it must report unhealthy
+    and exit 1, with nothing committed (the input is read again after a fix)."""
+    schemas = tmp_path / "schemas"
+    schemas.mkdir()
+    with EmbeddedKafka(schema_registry=schemas) as broker:
+        pipe = new_pipeline(broker.bootstrap, redis_server.url)
+        s = pipe.settings
+        (schemas / f"{s.output_topic}.json").write_text(
+            json.dumps({"type": "object", "properties": {"value": {"type": "integer"}}})
+        )
+        await pipe.create_topics()
+        (call,) = make_calls(1, 3, seed=33)
+        await produce(broker.bootstrap, s.input_topic, [(call.cid, call.message(0))])
+        log = tmp_path / "worker.log"
+        proc = start_worker_process(pipe, log, CFNESA_LOG_LEVEL="INFO")
+        try:
+            code = await asyncio.to_thread(wait_exit, proc, scaled(90))
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+        text = log.read_text()
+        assert code == 1, text[-3000:]
+        assert "kafka refused" in text, text[-3000:]
