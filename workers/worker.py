@@ -142,6 +142,7 @@ class Worker:
         self._core: StreamCore | None = None
         self._ops: asyncio.Server | None = None
         self.processed = 0  # utterances stepped by this process
+        self._outgoing: list[str] = []  # types of the batch's output messages
 
     @property
     def cache(self) -> Any:
@@ -244,7 +245,9 @@ class Worker:
                 continue
             started = time.monotonic()
             async with self._lock:
-                if not await core.run_batch(records, self.process, stop):
+                if not await core.run_batch(
+                    records, self.process, stop, after_produce=self._count_produced
+                ):
                     break  # stopped during an outage: nothing committed, replayed later
             self.metrics.batch_seconds.observe(time.monotonic() - started)
             self.metrics.last_batch.set(time.time())
@@ -314,10 +317,16 @@ class Worker:
         for rec, error in dead:
             m.dead_letters.labels(error.reason.value).inc()
             out.append(_dead_letter(rec, error, s.dlq_topic))
-        for msg in out:
-            kind = "dead_letter" if msg.topic == s.dlq_topic else event_type(msg.value)
-            m.events_out.labels(kind).inc()
+        self._outgoing = [
+            "dead_letter" if msg.topic == s.dlq_topic else event_type(msg.value) for msg in out
+        ]
         return out
+
+    async def _count_produced(self) -> None:
+        """After the batch's outputs are acknowledged: count them by type."""
+        for kind in self._outgoing:
+            self.metrics.events_out.labels(kind).inc()
+        self._outgoing = []
 
     # ----------------------------------------------------------------- step
 
