@@ -38,7 +38,7 @@ from model.checkpoint import DEFAULT_CHECKPOINT, load_checkpoint  # noqa: E402
 from model.config import ModelConfig  # noqa: E402
 from model.engine import StreamingEngine, Utterance  # noqa: E402
 from model.network import CFNESA  # noqa: E402
-from model.state import ConversationState  # noqa: E402
+from model.state import ConversationState, parts_size  # noqa: E402
 
 
 def timeit(fn, repeat: int, warmup: int = 3) -> float:
@@ -150,7 +150,8 @@ def main() -> int:
         results[f"batch64_{name}_utterances_per_s"] = round(64 / sec)
         results[f"batch64_{name}_gflops_achieved"] = round(flops / sec / 1e9, 2)
         results[f"batch64_{name}_fraction_of_matmul_rate"] = round(flops / sec / 1e9 / matmul, 3)
-        results[f"state_bytes_{name}"] = int(np.mean([len(s.to_bytes()) for s in states]))
+        # what the worker stores per call: the parts format (core + window slots)
+        results[f"state_bytes_{name}"] = int(np.mean([parts_size(s.to_parts()) for s in states]))
 
     commit = subprocess.run(
         ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True

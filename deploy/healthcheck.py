@@ -5,7 +5,8 @@
     cfnesa-healthcheck URL      GET that URL
 
 Exit 0 when the endpoint answers 200, or when the command serves no endpoint
-(``featurize``, ``tail``, ``token``, a worker with ``CFNESA_METRICS_PORT=0``);
+(``tail``, ``token``, a worker with ``CFNESA_METRICS_PORT=0``, a featurizer with
+``CFNESA_FEATURIZER_METRICS_PORT=0``);
 exit 1 otherwise, with the reason on stderr.
 
 The endpoint is found the way the process itself finds it: its command line is
@@ -37,7 +38,7 @@ def endpoint(argv: list[str], environ: Mapping[str, str]) -> str | None:
             with its container's environment, so ``os.environ``).
 
     Returns:
-        ``http://HOST:PORT/healthz`` for a worker or a gateway; None for a
+        ``http://HOST:PORT/healthz`` for a worker, a featurizer or a gateway; None for a
         command that serves no HTTP endpoint, or when ``argv`` is not cfnesa.
     """
     args = _cfnesa_args(argv)
@@ -58,6 +59,9 @@ def endpoint(argv: list[str], environ: Mapping[str, str]) -> str | None:
     settings = Settings(**given)
     if parsed.command == "worker":
         port = parsed.metrics_port if parsed.metrics_port is not None else settings.metrics_port
+        host = settings.metrics_host
+    elif parsed.command == "featurize":
+        port = settings.featurizer_metrics_port
         host = settings.metrics_host
     elif parsed.command == "gateway":
         port = parsed.port if parsed.port is not None else settings.gateway_port

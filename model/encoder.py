@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from model.adapter_format import CONTEXT_TOKENS, adapter_context, feature_spec_for
 from model.data import (
     FeatureSet,
     default_cache_dir,
@@ -73,8 +74,6 @@ def adapter_for_spec(spec: str) -> Path | None:
     """
     if spec == FEATURE_SPEC_MINILM:
         return None
-    from model.finetune import feature_spec_for
-
     shipped = resolve_adapter(DEFAULT)
     others = sorted(p.parent for p in DEFAULT_ADAPTER.parent.glob("*/adapter_config.json"))
     for folder in ([shipped] if shipped else []) + [p for p in others if p != shipped]:
@@ -87,8 +86,6 @@ def adapter_for_spec(spec: str) -> Path | None:
 
 def feature_spec_of(adapter: str | os.PathLike[str] | _Default | None = DEFAULT) -> str:
     """The feature spec of the encoder an ``adapter`` setting means (see :class:`TextEncoder`)."""
-    from model.finetune import feature_spec_for
-
     path = resolve_adapter(adapter)
     return FEATURE_SPEC_MINILM if path is None else feature_spec_for(path)
 
@@ -105,7 +102,6 @@ bundled config allows 256); utterances are far shorter, so this only bounds
 the cost of a pathological input."""
 
 
-CONTEXT_TOKENS = 64
 """Token budget of the previous utterances an encoder with causal context reads."""
 
 
@@ -292,8 +288,6 @@ class TextEncoder:
         self._context, self._context_tokens = 0, CONTEXT_TOKENS
         if self.adapter is not None:
             from peft import PeftModel
-
-            from model.finetune import adapter_context, feature_spec_for
 
             with warnings.catch_warnings():  # peft asks transformers a deprecated question
                 warnings.filterwarnings("ignore", "`is_gradient_checkpointing`", FutureWarning)

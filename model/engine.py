@@ -116,9 +116,10 @@ class StreamingEngine:
             win_present=s.win_present[0],
         )
 
-    def load_state(self, data: bytes) -> ConversationState:
-        """Parse state bytes, refusing another model's state."""
-        return ConversationState.from_bytes(data, expected_fingerprint=self.fingerprint)
+    def load_state(self, parts: dict[str, bytes]) -> ConversationState:
+        """Assemble a stored state (`ConversationState.to_parts`), refusing another
+        model's state."""
+        return ConversationState.from_parts(parts, expected_fingerprint=self.fingerprint)
 
     # -------------------------------------------------------------------- step
 

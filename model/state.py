@@ -1,4 +1,4 @@
-"""One conversation's streaming state, kept outside the model, and its bytes.
+"""One conversation's streaming state, kept outside the model, and its stored parts.
 
 What a causal step needs from the past, and nothing more:
 
@@ -9,20 +9,20 @@ What a causal step needs from the past, and nothing more:
 - the last fused vector of each speaker (LESM's comparisons), and which
   speaker spoke last (the previous utterance is that speaker's last).
 
-Serialised form (little-endian)::
+Stored form: named parts, so that a store writes only what changed (the Redis
+state store): ``core`` (header, RUME hidden state, speaker vectors; rewritten every
+step) and one part per window slot, ``w{p % C}`` for the utterance at position
+``p``, written once and read until the window moves past it.
+``to_parts(since=...)`` returns the core and the slots of positions ``>= since``
+only. Each part is little-endian::
 
-    b"CFNS" | u16 format version | u32 header length | header JSON | float32 blobs
+    core:  b"CFNS" | u16 format version | u32 header length | header JSON | float32 blobs
+    slot:  b"CFNW" | u16 format version | u64 position | u8 presence bits | float32 blobs
 
-The header names the model fingerprint, position, speakers and which blobs
-follow. A modality that never occurs in the window is not stored (a phone
-call's state holds no visual window), so a state is as large as its call.
-
-The same state also splits into named parts for stores that write only what
-changed (the Redis state store): ``core`` (header, RUME hidden state, speaker
-vectors; rewritten every step) and one part per window slot, ``w{p % C}`` for
-the utterance at position ``p``, which is written once and read until the
-window moves past it. ``to_parts(since=...)`` returns the core and the slots of
-positions ``>= since`` only.
+The header names the model fingerprint, position and speakers. A slot stores only
+the modalities present in its utterance (a phone call's state holds no visual
+window), so a state is as large as its call. `parts_size` is what a state costs
+to store whole.
 """
 
 from __future__ import annotations
@@ -73,24 +73,6 @@ class ConversationState:
     def last_speaker(self) -> str | None:
         return next(reversed(self.speakers)) if self.speakers else None
 
-    def to_bytes(self) -> bytes:
-        """Serialise (see the module docstring for the layout)."""
-        m_count = self.rume_h.shape[0]
-        # a modality with no slot present in the window needs no window blobs
-        stored = [i for i in range(m_count) if bool(self.win_present[:, i].any())]
-        header = self._header()
-        header["window_modalities"] = stored
-        blobs = [
-            _f32(self.rume_h),
-            np.packbits(self.win_present.numpy().astype(np.uint8)).tobytes(),
-        ]
-        if stored:
-            blobs.append(_f32(self.win_x[:, stored]))
-            blobs.append(_f32(self.win_s[:, stored]))
-        if self.speakers:
-            blobs.append(_f32(torch.stack(list(self.speakers.values()))))
-        return _pack(header, blobs)
-
     def _header(self) -> dict[str, Any]:
         return {
             "fingerprint": self.fingerprint,
@@ -104,47 +86,6 @@ class ConversationState:
             },
             "speakers": list(self.speakers),
         }
-
-    @classmethod
-    def from_bytes(
-        cls, data: bytes, *, expected_fingerprint: str | None = None
-    ) -> ConversationState:
-        """Parse bytes written by ``to_bytes``.
-
-        Raises:
-            StateFormatError: not a state, an unknown format version, or corrupt.
-            FingerprintMismatchError: written by another model than expected.
-        """
-        header, body_at = _unpack(data, expected_fingerprint)
-        m, r, a, c, d = header.dims
-        fingerprint, speakers, position = header.fingerprint, header.speakers, header.position
-        try:
-            stored = [int(i) for i in header.raw["window_modalities"]]
-        except (KeyError, TypeError, ValueError) as exc:
-            raise StateFormatError(f"corrupt state header: {exc}") from exc
-        reader = _Reader(data, body_at)
-        try:
-            rume_h = reader.f32((m, r, d))
-            bits = reader.raw((c * m + 7) // 8)
-            present = np.unpackbits(np.frombuffer(bits, np.uint8))[: c * m].reshape(c, m)
-            win_x = torch.zeros(a, m, c, d)
-            win_s = torch.zeros(a, m, c, d)
-            if stored:
-                win_x[:, stored] = reader.f32((a, len(stored), c, d))
-                win_s[:, stored] = reader.f32((a, len(stored), c, d))
-            vectors = reader.f32((len(speakers), d)) if speakers else torch.zeros(0, d)
-            reader.done()
-        except ValueError as exc:
-            raise StateFormatError(f"corrupt state body: {exc}") from exc
-        return cls(
-            fingerprint=fingerprint,
-            position=position,
-            rume_h=rume_h,
-            win_x=win_x,
-            win_s=win_s,
-            win_present=torch.from_numpy(present.astype(bool)),
-            speakers={s: vectors[i] for i, s in enumerate(speakers)},
-        )
 
     # ------------------------------------------------------------------ parts
 
@@ -223,6 +164,11 @@ class ConversationState:
             win_present=present_mask,
             speakers={s: vectors[i] for i, s in enumerate(speakers)},
         )
+
+
+def parts_size(parts: dict[str, bytes]) -> int:
+    """Bytes of values in ``parts`` (what the store holds for a state)."""
+    return sum(len(v) for v in parts.values())
 
 
 def slot_name(position: int, slots: int) -> str:

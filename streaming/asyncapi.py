@@ -13,10 +13,8 @@ The document sees the deployment from outside, as one application: it *receives*
 *sends* ``emotion-events``, dead letters and the gateway's messages. Which process
 does what inside (featurizer, worker, gateway) is docs/pipeline.md's business.
 
-One exception to "generated from the code": the ``utterance-text`` messages are
-pydantic models in workers/featurize.py, which streaming/ may not import (the
-boundary test), so their schemas are written out here and a test compares them
-with the models.
+Dead letters carry the error in Kafka headers too (`streaming.events.dead_letter_headers`),
+as Kafka Connect's dead-letter queues do; the channels' descriptions name them.
 """
 
 from __future__ import annotations
@@ -34,6 +32,7 @@ import yaml
 from pydantic import TypeAdapter
 
 from streaming.events import (
+    DEAD_LETTER_HEADER_PREFIX,
     DEAD_LETTER_PAYLOAD_BYTES,
     AlertEvent,
     ConversationId,
@@ -43,6 +42,8 @@ from streaming.events import (
     InvalidInput,
     Shift,
     SummaryEvent,
+    TextEnd,
+    TextUtterance,
     dump_event,
     end_event,
     parse_input,
@@ -83,6 +84,12 @@ _INPUT_FILE = "utterance-features.v1.schema.json"
 _OUTPUT_FILE = "emotion-events.schema.json"
 _DLQ_FILE = "utterance-features.dlq.schema.json"
 _DLQ_ROOT = DeadLetter.__name__  # the one file whose root is a model, not a union
+_DEAD_LETTER_HEADERS = (
+    "Key: the refused message's key. Headers: the refused message's, then the error's "
+    f"(as Kafka Connect's dead-letter queues): {DEAD_LETTER_HEADER_PREFIX}reason, "
+    f"{DEAD_LETTER_HEADER_PREFIX}detail, {DEAD_LETTER_HEADER_PREFIX}topic, "
+    f"{DEAD_LETTER_HEADER_PREFIX}partition and {DEAD_LETTER_HEADER_PREFIX}offset (UTF-8)."
+)
 
 # RFC 6455 codes the gateway uses, and its own (streaming.gateway.server).
 CLOSE_CODES: dict[int, str] = {
@@ -149,50 +156,8 @@ def _event_schemas() -> tuple[dict[str, Any], dict[str, list[str]]]:
 
 
 def _text_schemas() -> dict[str, Any]:
-    """``utterance-text`` (workers.featurize.TextUtterance / TextEnd), as pydantic writes them."""
-    cid = TypeAdapter(ConversationId).json_schema()
-    common = {
-        "schema_version": {"const": 1, "default": 1, "title": "Schema Version", "type": "integer"},
-        "conversation_id": {**cid, "title": "Conversation Id"},
-        "seq": {"minimum": 0, "title": "Seq", "type": "integer"},
-    }
-    ts = {
-        "anyOf": [{"format": "date-time", "type": "string"}, {"type": "null"}],
-        "default": None,
-        "title": "Ts",
-    }
-    return {
-        "TextUtterance": {
-            "description": "One utterance as text (topic ``utterance-text``).",
-            "properties": {
-                "type": {
-                    "const": "utterance",
-                    "default": "utterance",
-                    "title": "Type",
-                    "type": "string",
-                },
-                **common,
-                "speaker": {"maxLength": 64, "minLength": 1, "title": "Speaker", "type": "string"},
-                "text": {"maxLength": 10000, "title": "Text", "type": "string"},
-                "ts": ts,
-            },
-            "required": ["conversation_id", "seq", "speaker", "text"],
-            "title": "TextUtterance",
-            "type": "object",
-        },
-        "TextEnd": {
-            "description": "The end of a conversation (topic ``utterance-text``), "
-            "forwarded as an end event.",
-            "properties": {
-                "type": {"const": "end", "title": "Type", "type": "string"},
-                **common,
-                "ts": ts,
-            },
-            "required": ["type", "conversation_id", "seq"],
-            "title": "TextEnd",
-            "type": "object",
-        },
-    }
+    """``utterance-text``'s messages (`streaming.events.TextUtterance` / `TextEnd`)."""
+    return {model.__name__: model.model_json_schema() for model in (TextUtterance, TextEnd)}
 
 
 def _gateway_schemas() -> dict[str, Any]:
@@ -521,13 +486,15 @@ def build_document() -> dict[str, Any]:
             s.dlq_topic,
             "CFNESA_DLQ_TOPIC",
             "Input the workers refused, with a machine-readable reason and the original "
-            f"bytes (base64, the first {DEAD_LETTER_PAYLOAD_BYTES // 1024} KiB).",
+            f"bytes (base64, the first {DEAD_LETTER_PAYLOAD_BYTES // 1024} KiB). "
+            + _DEAD_LETTER_HEADERS,
             by_file[_DLQ_FILE],
         ),
         "textDeadLetters": _kafka_channel(
             f"{s.text_topic}.dlq",
             "CFNESA_TEXT_TOPIC, plus .dlq",
-            "Messages on utterance-text that cfnesa featurize refused.",
+            "Messages on utterance-text that cfnesa featurize refused, as dead letters "
+            "like the workers'. " + _DEAD_LETTER_HEADERS,
             by_file[_DLQ_FILE],
         ),
         "gateway": _gateway_channel([*client, *replies, *output]),

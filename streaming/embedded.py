@@ -470,6 +470,11 @@ class EmbeddedKafka(_Server):
     transactions. Everything (topics, records, committed offsets, groups) is lost on
     stop/restart.
 
+    ``schema_registry`` is a folder of ``<topic>.json`` schemas (Tansu's schema
+    registry): the broker validates every record produced to such a topic and refuses
+    those that fail (with error -1, UNKNOWN_SERVER_ERROR): a real broker-side refusal
+    for the tests of non-retriable produce errors.
+
     ``advertised`` (``host:port``) is the address metadata sends clients to, when
     that is not the listener: a TLS-terminating proxy in front of the broker (Tansu
     speaks plaintext; the TLS tests put one there: create topics through it then, as
@@ -499,9 +504,11 @@ class EmbeddedKafka(_Server):
         topics: Mapping[str, int] | None = None,
         advertised: str | None = None,
         authentication: bool = False,
+        schema_registry: str | os.PathLike[str] | None = None,
     ) -> None:
         super().__init__(port=port, host=host, log_path=log_path, binary=binary)
         self.topics: dict[str, int] = dict(topics or {})
+        self.schema_registry = None if schema_registry is None else Path(schema_registry)
         self.advertised = advertised
         self.authentication = authentication
         if authentication and self.topics:
@@ -521,7 +528,7 @@ class EmbeddedKafka(_Server):
         return self.advertised or self.bootstrap
 
     def _command(self, binary: Path, workdir: Path) -> list[str]:
-        return [
+        command = [
             str(binary),
             "broker",
             "--listener-url",
@@ -530,7 +537,16 @@ class EmbeddedKafka(_Server):
             f"tcp://{self.advertised_address}",
             "--storage-engine",
             "memory://tansu/",
-        ] + (["--authentication"] if self.authentication else [])
+        ]
+        if self.authentication:
+            command.append("--authentication")
+        if self.schema_registry is not None:
+            # Tansu reads a file:// URL below its working directory only
+            link = workdir / "schemas"
+            if not link.exists():
+                link.symlink_to(self.schema_registry.resolve(), target_is_directory=True)
+            command += ["--schema-registry", "file://./schemas"]
+        return command
 
     def _env(self) -> dict[str, str]:
         return {k: v for k, v in os.environ.items() if k not in _TANSU_ENV}

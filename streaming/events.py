@@ -8,7 +8,13 @@ Output, topic ``emotion-events`` (`dump_event`, `load_output`)::
 
     EmotionEvent | AlertEvent | SummaryEvent     discriminated by "type"
 
-Dead letters, topic ``utterance-features.dlq``: `DeadLetter`.
+Text input, topic ``utterance-text`` (`parse_text`)::
+
+    TextUtterance | TextEnd              "type" defaults to utterance
+
+Dead letters, topics ``utterance-features.dlq`` and ``utterance-text.dlq``:
+`DeadLetter` as the value, the original key and headers, and the error in headers
+(`dead_letter_headers`).
 
 Compatibility: input models ignore unknown fields, so an upstream that adds a
 field does not turn every message into a dead letter (the vector and ``features``
@@ -27,7 +33,7 @@ from __future__ import annotations
 
 import base64
 import json
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -55,6 +61,7 @@ from streaming.codec import VectorError, decode_vector, encode_vector
 
 MODALITIES = ("text", "audio", "visual")
 DEFAULT_MAX_BYTES = 1_000_000
+MAX_TEXT_CHARS = 10_000  # a transcript's limit, in utterance-text and utterance-features
 DEAD_LETTER_PAYLOAD_BYTES = 64 * 1024  # the original message is kept up to this size
 
 
@@ -218,7 +225,7 @@ class UtteranceEvent(_Input):
     ts: Timestamp | None = None  # when the utterance ended
     features: Features
     feature_spec: Annotated[str, StringConstraints(min_length=1, max_length=256)]
-    text: Annotated[str, StringConstraints(max_length=10_000)] | None = None
+    text: Annotated[str, StringConstraints(max_length=MAX_TEXT_CHARS)] | None = None
 
 
 class EndEvent(_Input):
@@ -302,6 +309,19 @@ def parse_input(raw: bytes, expect: Expectations | None = None) -> ParsedUtteran
         InvalidInput: with the reason, and the conversation id and seq where readable.
     """
     max_bytes = expect.max_bytes if expect else DEFAULT_MAX_BYTES
+    event = _validated(raw, max_bytes, _INPUT)
+    if isinstance(event, EndEvent):
+        return event
+    return ParsedUtterance(event, _vectors(event, expect))
+
+
+def _validated(raw: bytes, max_bytes: int, adapter: TypeAdapter[Any]) -> Any:
+    """The one validation of every input topic: size, UTF-8 JSON, an object, then the
+    models (``adapter``), the first failure in that order giving the reason.
+
+    Raises:
+        InvalidInput: with the reason, and the conversation id and seq where readable.
+    """
     if len(raw) > max_bytes:
         raise InvalidInput(DeadLetterReason.OVERSIZE, f"{len(raw)} bytes > limit {max_bytes}")
     try:
@@ -314,13 +334,10 @@ def parse_input(raw: bytes, expect: Expectations | None = None) -> ParsedUtteran
         raise InvalidInput(DeadLetterReason.NOT_OBJECT, f"expected an object, got {_kind(obj)}")
     cid, seq = _readable_ids(obj)
     try:
-        event = _INPUT.validate_python(obj)
+        return adapter.validate_python(obj)
     except ValidationError as exc:
         reason, detail = _explain(exc)
         raise InvalidInput(reason, detail, cid, seq) from exc
-    if isinstance(event, EndEvent):
-        return event
-    return ParsedUtterance(event, _vectors(event, expect))
 
 
 def _vectors(
@@ -405,6 +422,83 @@ def _short(text: str, limit: int = 200) -> str:
 
 def _kind(value: object) -> str:
     return "null" if value is None else type(value).__name__
+
+
+# ---------------------------------------------------------------- text input
+
+
+class TextUtterance(BaseModel):
+    """One utterance as text (topic ``utterance-text``); "type" may be left out."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    type: Literal["utterance"] = "utterance"
+    schema_version: SchemaVersion = 1
+    conversation_id: ConversationId
+    seq: Seq
+    speaker: Speaker
+    text: Annotated[str, StringConstraints(max_length=MAX_TEXT_CHARS)]
+    ts: Timestamp | None = None
+
+
+class TextEnd(BaseModel):
+    """The end of a conversation (topic ``utterance-text``), forwarded as an end event."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    type: Literal["end"]
+    schema_version: SchemaVersion = 1
+    conversation_id: ConversationId
+    seq: Seq
+    ts: Timestamp | None = None
+
+
+def _text_kind(value: Any) -> str | None:
+    kind = value.get("type", "utterance") if isinstance(value, dict) else value.type
+    return kind if kind in ("utterance", "end") else None
+
+
+TextInput = Annotated[
+    Annotated[TextUtterance, Tag("utterance")] | Annotated[TextEnd, Tag("end")],
+    Discriminator(
+        _text_kind,
+        custom_error_type="text_type",
+        custom_error_message="type is not utterance or end",
+    ),
+]
+_TEXT_INPUT: TypeAdapter[TextUtterance | TextEnd] = TypeAdapter(TextInput)
+
+
+def parse_text(raw: bytes, max_bytes: int = DEFAULT_MAX_BYTES) -> TextUtterance | TextEnd:
+    """Validate one ``utterance-text`` message (the same checks, in the same order, as
+    `parse_input`; "type" defaults to utterance, "schema_version" to 1).
+
+    Raises:
+        InvalidInput: with the reason, and the conversation id and seq where readable.
+    """
+    result: TextUtterance | TextEnd = _validated(raw, max_bytes, _TEXT_INPUT)
+    return result
+
+
+def text_message(
+    conversation_id: str, seq: int, speaker: str, text: str, ts: str | None = None
+) -> bytes:
+    """Build an ``utterance-text`` utterance message (replay, tests)."""
+    message = {
+        "type": "utterance",
+        "conversation_id": conversation_id,
+        "seq": seq,
+        "speaker": speaker,
+        "text": text,
+        "ts": ts,
+    }
+    return json.dumps(message, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
+def text_end_message(conversation_id: str, seq: int, ts: str | None = None) -> bytes:
+    """Build an ``utterance-text`` end message (replay, tests)."""
+    message = {"type": "end", "conversation_id": conversation_id, "seq": seq, "ts": ts}
+    return json.dumps(message, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
 
 
 # ---------------------------------------------------------------- output
@@ -572,6 +666,32 @@ class DeadLetter(BaseModel):
             payload_b64=base64.b64encode(raw[:DEAD_LETTER_PAYLOAD_BYTES]).decode("ascii"),
             truncated=len(raw) > DEAD_LETTER_PAYLOAD_BYTES,
         )
+
+
+DEAD_LETTER_HEADER_PREFIX = "__cfnesa.errors."  # as Kafka Connect's "__connect.errors."
+
+
+def dead_letter_headers(
+    letter: DeadLetter, original: Iterable[tuple[str, bytes]] | None = ()
+) -> tuple[tuple[str, bytes], ...]:
+    """The headers of a dead letter: the original record's, then the error's.
+
+    As Kafka Connect's dead-letter queues do, the error travels in headers (reason,
+    detail, source topic, partition and offset, under ``__cfnesa.errors.``), so a
+    consumer can route or count letters without parsing the body; the letter's key
+    is the original record's key.
+    """
+    prefix = DEAD_LETTER_HEADER_PREFIX
+    source = letter.source
+    errors = [
+        (f"{prefix}reason", letter.reason.value),
+        (f"{prefix}detail", letter.detail),
+        (f"{prefix}topic", source.topic),
+        (f"{prefix}partition", "" if source.partition is None else str(source.partition)),
+        (f"{prefix}offset", "" if source.offset is None else str(source.offset)),
+    ]
+    kept = [(k, v) for k, v in (original or ()) if not k.startswith(prefix)]
+    return (*kept, *((k, v.encode("utf-8")) for k, v in errors))
 
 
 def dump_event(event: EmotionEvent | AlertEvent | SummaryEvent | DeadLetter) -> bytes:

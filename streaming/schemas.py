@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 from pydantic import TypeAdapter
 
-from streaming.events import DeadLetter, InputEvent, OutputEvent
+from streaming.events import DeadLetter, InputEvent, OutputEvent, TextInput
 
 __all__ = ["DEFAULT_FOLDER", "check_schemas", "render_schemas", "write_schemas"]
 
@@ -33,6 +33,8 @@ _TOPICS: dict[str, tuple[str, Any, Literal["validation", "serialization"]]] = {
     ),
     "emotion-events.schema.json": ("emotion-events", OutputEvent, "serialization"),
     "utterance-features.dlq.schema.json": ("utterance-features.dlq", DeadLetter, "serialization"),
+    "utterance-text.v1.schema.json": ("utterance-text, version 1", TextInput, "validation"),
+    "utterance-text.dlq.schema.json": ("utterance-text.dlq", DeadLetter, "serialization"),
 }
 
 

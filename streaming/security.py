@@ -49,7 +49,8 @@ from pydantic import SecretStr
 from redis.exceptions import AuthenticationError as RedisAuthenticationError
 from redis.exceptions import AuthenticationWrongNumberOfArgsError, ResponseError
 
-from streaming.settings import Settings
+from streaming.errors import FatalError
+from streaming.settings import CommonSettings, Settings
 
 __all__ = [
     "PLAINTEXT",
@@ -89,17 +90,16 @@ PLAINTEXT: dict[str, Any] = {
 _DIAGNOSE_TIMEOUT_S = 10.0
 
 
-class ConnectionSecurityError(RuntimeError):
+class ConnectionSecurityError(FatalError):
     """A secure connection cannot work as configured; retrying will not help."""
 
     retriable = False
 
     def __init__(self, reason: str, *, service: str = "", address: str = "") -> None:
         self.reason = reason
-        self.service = service
         self.address = address
         where = " at ".join(p for p in (service, address) if p)
-        super().__init__(f"{where}: {reason}" if where else reason)
+        super().__init__(f"{where}: {reason}" if where else reason, service=service)
 
 
 class SecurityConfigError(ConnectionSecurityError):
@@ -170,7 +170,7 @@ def ssl_context(
     return context
 
 
-def kafka_client_options(settings: Settings) -> dict[str, Any]:
+def kafka_client_options(settings: CommonSettings) -> dict[str, Any]:
     """Keyword arguments for every aiokafka client (``AIOKafkaProducer``,
     ``AIOKafkaConsumer``, ``AIOKafkaAdminClient``) from the kafka_security_* settings.
 
@@ -197,7 +197,7 @@ def kafka_client_options(settings: Settings) -> dict[str, Any]:
     return options
 
 
-def redis_client_options(settings: Settings) -> dict[str, Any]:
+def redis_client_options(settings: CommonSettings) -> dict[str, Any]:
     """Keyword arguments for ``redis.asyncio.from_url`` and ``RedisCluster.from_url``
     from the redis_* security settings (TLS ones only for a ``rediss://`` URL).
 

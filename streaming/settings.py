@@ -1,5 +1,10 @@
 """Settings of the pipeline's processes, from CFNESA_* environment variables.
 
+One class per service (`WorkerSettings`, `FeaturizerSettings`, `GatewaySettings`),
+each a `CommonSettings` (Kafka, Redis, their security, shared topics); `Settings` has
+them all, for the one-machine commands and the tests. A setting's environment
+variable is ``CFNESA_<NAME>`` whichever class reads it.
+
 Every setting has a default that works with `cfnesa services` on one machine;
 production points the same code at Apache Kafka and Redis (or Redis Cluster)
 by setting, for example, ``CFNESA_KAFKA_BOOTSTRAP=kafka-0:9092,kafka-1:9092``
@@ -21,8 +26,9 @@ KafkaSecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"
 KafkaSaslMechanism = Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"]
 
 
-class Settings(BaseSettings):
-    """What a worker, featurizer, replayer or gateway reads from its environment."""
+class CommonSettings(BaseSettings):
+    """What every process reads: Kafka and Redis (with their security), the topics
+    shared by several services, consumer timeouts, the model, logging."""
 
     # hide_input_in_errors: a validation error must not print the passwords it was given
     model_config = SettingsConfigDict(
@@ -35,15 +41,6 @@ class Settings(BaseSettings):
     )
     input_topic: str = "utterance-features"
     output_topic: str = "emotion-events"
-    dlq_topic: str = "utterance-features.dlq"
-    text_topic: str = "utterance-text"
-    group_id: str = Field(default="cfnesa-workers", description="the workers' consumer group")
-    group_instance_id: str | None = Field(
-        default=None,
-        description="static group membership (e.g. the pod name): a restarted worker "
-        "takes its partitions back without a rebalance",
-    )
-    rebalance_timeout_ms: int = Field(default=30_000, ge=1_000)
     session_timeout_ms: int = Field(default=10_000, ge=1_000)
     heartbeat_interval_ms: int = Field(default=1_000, ge=100)
     max_poll_interval_ms: int = Field(default=300_000, ge=10_000)
@@ -110,15 +107,6 @@ class Settings(BaseSettings):
     )
     recent_events: int = Field(default=64, ge=1, description="output events kept per conversation")
 
-    # --- batching and caching
-    max_batch_events: int = Field(default=256, ge=1, description="most input events per batch")
-    max_wait_ms: int = Field(
-        default=2, ge=0, description="after the first input of a batch, wait this long for more"
-    )
-    state_cache: bool = Field(
-        default=True, description="keep owned conversations' states in memory"
-    )
-    max_cached_states: int = Field(default=50_000, ge=0)
     max_message_bytes: int = Field(default=1_000_000, ge=1_024)
 
     # --- model, alerts, outputs
@@ -126,26 +114,9 @@ class Settings(BaseSettings):
         default=None,
         description='model folder, or a shipped pair by name: "meld" (the default), "iemocap"',
     )
-    alert_rules: Path | None = Field(
-        default=None, description="alert rules TOML (default: built in)"
-    )
-    include_text: bool = Field(default=False, description="copy transcripts into emotion events")
     torch_threads: int = Field(default=0, ge=0, description="0: torch's default")
-    encoder_adapter: str = Field(
-        default="",
-        description="the featurizer's encoder adapter folder (cfnesa finetune-encoder); "
-        "none: plain MiniLM; empty: the installed adapter that makes the features of "
-        "`checkpoint` when one is set, else the shipped adapter",
-    )
-    encoder_backend: Literal["onnx", "torch"] = Field(
-        default="onnx",
-        description="the featurizer's text encoder runtime: onnx (ONNX Runtime; exported "
-        "once into the cache folder) or torch; the same vectors either way",
-    )
-
     # --- operations
     metrics_host: str = "127.0.0.1"
-    metrics_port: int = Field(default=9400, ge=0, le=65535, description="0: no metrics server")
     log_level: str = "INFO"
 
     @model_validator(mode="after")
@@ -216,7 +187,63 @@ class Settings(BaseSettings):
     def bootstrap_servers(self) -> list[str]:
         return [s.strip() for s in self.kafka_bootstrap.split(",") if s.strip()]
 
-    # --- gateway (`cfnesa gateway`, docs/gateway.md)
+
+class WorkerSettings(CommonSettings):
+    """`cfnesa worker`: its group, batching, state cache, alerts and HTTP endpoint."""
+
+    dlq_topic: str = "utterance-features.dlq"
+    group_id: str = Field(default="cfnesa-workers", description="the workers' consumer group")
+    group_instance_id: str | None = Field(
+        default=None,
+        description="static group membership (e.g. the pod name): a restarted worker "
+        "takes its partitions back without a rebalance",
+    )
+    rebalance_timeout_ms: int = Field(default=30_000, ge=1_000)
+    # --- batching and caching
+    max_batch_events: int = Field(default=256, ge=1, description="most input events per batch")
+    max_wait_ms: int = Field(
+        default=2, ge=0, description="after the first input of a batch, wait this long for more"
+    )
+    state_cache: bool = Field(
+        default=True, description="keep owned conversations' states in memory"
+    )
+    max_cached_states: int = Field(default=50_000, ge=0)
+    alert_rules: Path | None = Field(
+        default=None, description="alert rules TOML (default: built in)"
+    )
+    include_text: bool = Field(default=False, description="copy transcripts into emotion events")
+    metrics_port: int = Field(
+        default=9400, ge=0, le=65535, description="the worker's /metrics and /healthz (0: none)"
+    )
+
+
+class FeaturizerSettings(CommonSettings):
+    """`cfnesa featurize`: its input topic, its encoder and its HTTP endpoint."""
+
+    text_topic: str = "utterance-text"
+    encoder_adapter: str = Field(
+        default="",
+        description="the featurizer's encoder adapter folder (cfnesa finetune-encoder); "
+        "none: plain MiniLM; empty: the installed adapter that makes the features of "
+        "`checkpoint` when one is set, else the shipped adapter",
+    )
+    encoder_backend: Literal["onnx", "torch"] = Field(
+        default="onnx",
+        description="the featurizer's text encoder runtime: onnx (ONNX Runtime; exported "
+        "once into the cache folder) or torch; the same vectors either way",
+    )
+
+    featurizer_metrics_port: int = Field(
+        default=9401,
+        ge=0,
+        le=65535,
+        description="the featurizer's /metrics and /healthz (0: none)",
+    )
+
+
+class GatewaySettings(CommonSettings):
+    """`cfnesa gateway` (docs/gateway.md)."""
+
     gateway_host: str = Field(default="127.0.0.1", description="where the gateway listens")
     gateway_port: int = Field(default=8765, ge=0, le=65535, description="0: any free port")
     gateway_secret: str | None = Field(
@@ -243,6 +270,11 @@ class Settings(BaseSettings):
     snapshot_events: int | None = Field(
         default=None, ge=1, description="gateway: events per snapshot (default: recent_events)"
     )
+
+
+class Settings(WorkerSettings, FeaturizerSettings, GatewaySettings):
+    """Every setting: what the one-machine commands (demo, services, replay, tail) and
+    the tests use. A service takes its own class; this one is a subclass of each."""
 
 
 def _cert_key_pair(service: str, certfile: Path | None, keyfile: Path | None) -> list[str]:

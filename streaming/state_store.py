@@ -28,7 +28,7 @@ import redis.asyncio as aioredis
 from streaming.security import redis_client_options
 
 if TYPE_CHECKING:
-    from streaming.settings import Settings
+    from streaming.settings import CommonSettings
 
 SEQ = b"seq"
 
@@ -140,7 +140,7 @@ class StateStore:
         return cls(client, prefix=prefix, recent_events=recent_events)
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> StateStore:
+    def from_settings(cls, settings: CommonSettings) -> StateStore:
         """A store on the settings' Redis: URL, cluster, key prefix, recent events, and
         the TLS and ACL settings (no I/O yet: the first command connects)."""
         return cls.connect(

@@ -14,7 +14,7 @@ def _setup(args: argparse.Namespace) -> tuple[Any, Any, Any]:
     from model.engine import StreamingEngine
     from streaming.alerts import AlertRules
     from workers.alert_eval import load_head
-    from workers.cli import _checkpoint_features
+    from workers.cli_data import _checkpoint_features
 
     ckpt = load_checkpoint(args.checkpoint)
     engine = StreamingEngine(ckpt.model, ckpt.fingerprint)
@@ -186,7 +186,7 @@ def cmd_fit_alerts(args: argparse.Namespace) -> int:
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    from workers.cli import _add_data_args
+    from workers.cli_data import _add_data_args
 
     _add_data_args(p)
     p.add_argument(

@@ -3,7 +3,7 @@
     cfnesa gateway                                    ws://127.0.0.1:8765/ws, /, /healthz, /metrics
     cfnesa token --tenant acme --conversations 'call-*' [--all] [--ttl 3600]
 
-Settings come from CFNESA_* variables (`streaming.settings.Settings`, the
+Settings come from CFNESA_* variables (`streaming.settings.GatewaySettings`, the
 gateway_* fields among them); the flags override them. The secret that signs
 tokens is CFNESA_GATEWAY_SECRET, for both commands (``token`` also takes
 ``--secret``). Without one, ``cfnesa gateway`` makes a random secret for this run
@@ -21,7 +21,7 @@ import signal
 import sys
 from typing import Any
 
-from streaming.settings import Settings
+from streaming.settings import GatewaySettings
 
 DEV_TOKEN_TTL_S = 12 * 3600
 
@@ -53,7 +53,7 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
 def cmd_token(args: argparse.Namespace) -> int:
     from streaming.gateway.auth import TokenSigner
 
-    secret = args.secret or Settings().gateway_secret
+    secret = args.secret or GatewaySettings().gateway_secret
     if not secret:
         print("cfnesa: no secret: set CFNESA_GATEWAY_SECRET or pass --secret", file=sys.stderr)
         return 2
@@ -89,7 +89,7 @@ def cmd_gateway(args: argparse.Namespace) -> int:
         }.items()
         if v is not None
     }
-    settings = Settings(**overrides)
+    settings = GatewaySettings(**overrides)
     logging.basicConfig(
         level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )

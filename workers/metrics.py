@@ -1,4 +1,5 @@
-"""The worker's Prometheus metrics and its small HTTP endpoint (/metrics, /healthz)."""
+"""The worker's and the featurizer's Prometheus metrics, and their small HTTP endpoint
+(/metrics, /healthz)."""
 
 from __future__ import annotations
 
@@ -112,8 +113,41 @@ class WorkerMetrics:
         return generate_latest(self.registry)
 
 
+class FeaturizerMetrics:
+    """One registry per featurizer (tests run several in one process)."""
+
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.utterances = Counter(
+            "cfnesa_featurizer_utterances", "Feature events produced", registry=r
+        )
+        self.ends = Counter("cfnesa_featurizer_ends", "End events forwarded", registry=r)
+        self.batches = Counter("cfnesa_featurizer_batches", "Batches committed", registry=r)
+        self.dead_letters = Counter(
+            "cfnesa_featurizer_dead_letters",
+            "utterance-text messages sent to the dead-letter topic, by reason",
+            ["reason"],
+            registry=r,
+        )
+        self.outages = Counter(
+            "cfnesa_featurizer_outages",
+            "Batch steps retried after Redis or Kafka failed",
+            ["service"],
+            registry=r,
+        )
+        self.commit_failures = Counter(
+            "cfnesa_featurizer_commit_failures", "Offset commits refused (rebalance)", registry=r
+        )
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
 async def serve_ops(
-    host: str, port: int, metrics: WorkerMetrics, health: Callable[[], tuple[bool, dict]]
+    host: str,
+    port: int,
+    metrics: WorkerMetrics | FeaturizerMetrics,
+    health: Callable[[], tuple[bool, dict]],
 ) -> asyncio.Server:
     """Serve GET /metrics (Prometheus text) and GET /healthz (200 or 503, JSON)."""
 

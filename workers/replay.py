@@ -33,10 +33,9 @@ from typing import TYPE_CHECKING, Literal, TypeVar
 import numpy as np
 from aiokafka import AIOKafkaProducer
 
-from streaming.events import end_event, utc_now_iso, utterance_event
+from streaming.events import end_event, text_end_message, text_message, utc_now_iso, utterance_event
 from streaming.security import kafka_client_options, start_kafka_client
 from streaming.settings import Settings
-from workers.featurize import text_end_message, text_message
 
 if TYPE_CHECKING:
     from tqdm import tqdm

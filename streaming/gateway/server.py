@@ -34,6 +34,7 @@ from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
+from streaming.faults import Backoff
 from streaming.gateway.auth import Claims, TokenSigner
 from streaming.gateway.errors import AuthError, ConfigError, ErrorCode, ProtocolError
 from streaming.gateway.hub import Hub, Session
@@ -52,7 +53,7 @@ from streaming.security import (
     security_failure,
     start_kafka_client,
 )
-from streaming.settings import Settings
+from streaming.settings import GatewaySettings
 from streaming.state_store import StateStore
 
 __all__ = ["CLOSE_TOKEN_EXPIRED", "CLOSE_TOO_SLOW", "WS_PATH", "Gateway", "serve_gateway"]
@@ -82,7 +83,7 @@ class Gateway:
         ConfigError: no gateway_secret (or one too short to be one).
     """
 
-    def __init__(self, settings: Settings, *, static_dir: Path | None = None) -> None:
+    def __init__(self, settings: GatewaySettings, *, static_dir: Path | None = None) -> None:
         if not settings.gateway_secret:
             raise ConfigError("gateway_secret (CFNESA_GATEWAY_SECRET) is required")
         try:
@@ -177,18 +178,19 @@ class Gateway:
 
     # -- Kafka -> hub --------------------------------------------------------------
     async def _consume(self, consumer: AIOKafkaConsumer) -> None:
-        delay = _CONSUMER_RETRY_S[0]
+        backoff = Backoff(*_CONSUMER_RETRY_S)  # the pipeline's one backoff
+        never = asyncio.Event()
         while True:
             try:
                 batches = await consumer.getmany(timeout_ms=500, max_records=1000)
             except asyncio.CancelledError:
                 raise
             except Exception:
+                delay = backoff.next_delay()
                 log.exception("the events consumer failed; retrying in %.1f s", delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, _CONSUMER_RETRY_S[1])
+                await backoff.wait(never, delay)
                 continue
-            delay = _CONSUMER_RETRY_S[0]
+            backoff.reset()
             for records in batches.values():
                 for record in records:
                     self._publish(record.value or b"")
@@ -393,7 +395,7 @@ def _token(request: Request, query: str) -> str | None:
 
 
 async def serve_gateway(
-    settings: Settings,
+    settings: GatewaySettings,
     stop: asyncio.Event,
     *,
     ready: Callable[[int], None] | None = None,

@@ -116,6 +116,7 @@ def _effective(env: dict[str, Any], setting: str) -> Any:
 # Which source serves each command's HTTP paths (test_the_code_serves_these_paths).
 SERVERS = {
     "worker": (ROOT / "workers" / "metrics.py", {"/healthz", "/metrics"}),
+    "featurize": (ROOT / "workers" / "metrics.py", {"/healthz", "/metrics"}),
     "gateway": (ROOT / "streaming" / "gateway" / "server.py", {"/healthz", "/metrics"}),
 }
 
@@ -125,6 +126,8 @@ def _served(command: str, env: dict[str, Any]) -> tuple[int, set[str]] | None:
     None for a command that serves no HTTP endpoint."""
     if command == "worker":  # serve_ops, on CFNESA_METRICS_PORT
         return _effective(env, "metrics_port"), SERVERS["worker"][1]
+    if command == "featurize":  # serve_ops too, on CFNESA_FEATURIZER_METRICS_PORT
+        return _effective(env, "featurizer_metrics_port"), SERVERS["featurize"][1]
     if command == "gateway":  # one port for the WebSocket, the dashboard and these
         return _effective(env, "gateway_port"), SERVERS["gateway"][1]
     return None
@@ -337,7 +340,7 @@ def test_the_code_serves_these_paths():
         for path in paths:
             assert f'== "{path}"' in text, f"{source.name} no longer serves {path} ({command})"
     featurizer = (ROOT / "workers" / "featurize.py").read_text()
-    assert "serve_ops" not in featurizer, "the featurizer serves HTTP now: give it probes"
+    assert "serve_ops(" in featurizer, "the featurizer no longer serves HTTP: drop its probes"
 
 
 def test_k8s_probes_and_scrape_annotations_match_what_the_code_serves():
@@ -368,7 +371,7 @@ def test_k8s_probes_and_scrape_annotations_match_what_the_code_serves():
         assert annotations["prometheus.io/scrape"] == "true"
         assert int(annotations["prometheus.io/port"]) == port, name
         assert annotations["prometheus.io/path"] in paths
-    assert checked >= 6
+    assert checked >= 9
 
 
 def test_gateway_service_and_ingress_reach_the_gateway_port():
@@ -413,7 +416,7 @@ def test_compose_healthchecks_match_what_the_code_serves():
         # the image's own health check finds the same URL from the command line
         assert hc.endpoint(["/opt/cfnesa/bin/cfnesa", *service["command"]], env) == test[2]
         checked += 1
-    assert checked == 2
+    assert checked == 3
 
 
 def test_grace_periods_cover_a_drain():
@@ -648,7 +651,11 @@ def test_healthcheck_finds_the_endpoint_of_each_command():
         hc.endpoint([script, "gateway", "--port", "9000"], {"CFNESA_GATEWAY_HOST": "10.1.2.3"})
         == "http://10.1.2.3:9000/healthz"
     )
-    assert hc.endpoint([script, "featurize"], {}) is None
+    assert (
+        hc.endpoint([script, "featurize"], {})
+        == f"http://127.0.0.1:{DEFAULTS.featurizer_metrics_port}/healthz"
+    )
+    assert hc.endpoint([script, "featurize"], {"CFNESA_FEATURIZER_METRICS_PORT": "0"}) is None
     assert hc.endpoint(["python", "-m", "pytest"], {}) is None
 
 

@@ -18,7 +18,7 @@ from model.errors import (
     StateFormatError,
 )
 from model.network import CFNESA
-from model.state import FORMAT_VERSION, ConversationState
+from model.state import CORE, FORMAT_VERSION, ConversationState, parts_size
 
 
 @pytest.fixture(scope="module")
@@ -74,24 +74,35 @@ def test_empty_chunk_and_mismatched_lengths(engine):
 
 def test_state_from_another_model_is_refused(engine):
     _, (state,) = engine.step([[_utt()]], [None])
-    other = ConversationState.from_bytes(state.to_bytes())
+    other = ConversationState.from_parts(state.to_parts())
     other.fingerprint = "other-model"
     with pytest.raises(FingerprintMismatchError):
         engine.step([[_utt()]], [other])
     with pytest.raises(FingerprintMismatchError):
-        engine.load_state(other.to_bytes())
+        engine.load_state(other.to_parts())
 
 
-def test_state_bytes_format_checks(engine):
+def test_state_parts_format_checks(engine):
     _, (state,) = engine.step([[_utt(), _utt("customer", audio=np.ones(4))]], [None])
-    data = state.to_bytes()
-    back = engine.load_state(data)
+    parts = state.to_parts()
+    back = engine.load_state(parts)
     assert back.position == 2 and list(back.speakers) == ["agent", "customer"]
-    assert torch.equal(back.win_x, state.win_x) and torch.equal(back.rume_h, state.rume_h)
+    assert torch.equal(back.win_present, state.win_present)
+    # the window of a modality is stored where it is present; absent slots load as zeros
+    mask = state.win_present.T[None, :, :, None]  # (1, M, C, 1) over (A, M, C, d)
+    assert torch.equal(back.win_x * mask, state.win_x * mask)
+    assert torch.equal(back.rume_h, state.rume_h)
+    data = parts[CORE]
     wrong_version = data[:4] + (FORMAT_VERSION + 1).to_bytes(2, "little") + data[6:]
     for bad in (b"", b"nope" + data[4:], wrong_version, data[:-4], data + b"\0"):
         with pytest.raises(StateFormatError):
-            engine.load_state(bad)
+            engine.load_state({**parts, CORE: bad})
+    slot = next(k for k in parts if k != CORE)
+    for bad in (parts[slot][:-4], b"CFNX" + parts[slot][4:]):
+        with pytest.raises(StateFormatError):
+            engine.load_state({**parts, slot: bad})
+    with pytest.raises(StateFormatError):
+        engine.load_state({k: v for k, v in parts.items() if k != slot})
 
 
 def test_first_utterances_have_no_shift_and_later_ones_do(engine):
@@ -106,14 +117,14 @@ def test_first_utterances_have_no_shift_and_later_ones_do(engine):
 def test_text_only_state_stores_no_audio_window(engine):
     _, (text_only,) = engine.step([[_utt(), _utt()]], [None])
     _, (with_audio,) = engine.step([[_utt(), _utt(audio=np.ones(4))]], [None])
-    assert len(text_only.to_bytes()) < len(with_audio.to_bytes())
+    assert parts_size(text_only.to_parts()) < parts_size(with_audio.to_parts())
 
 
 def test_step_does_not_modify_given_states(engine):
     _, (state,) = engine.step([[_utt()]], [None])
-    before = state.to_bytes()
+    before = state.to_parts()
     engine.step([[_utt("customer")]], [state])
-    assert state.to_bytes() == before
+    assert state.to_parts() == before
 
 
 def test_paper_mode_has_no_streaming():

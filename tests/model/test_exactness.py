@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from model.config import ModelConfig
 from model.engine import StreamingEngine, Utterance, UtteranceResult
 from model.network import CFNESA
-from model.state import ConversationState
+from model.state import ConversationState, parts_size
 
 TOL = 1e-4
 DIMS = {"text": 12, "audio": 7, "visual": 5}
@@ -78,7 +78,7 @@ def _close(a: UtteranceResult, b: UtteranceResult) -> float:
     lengths=st.lists(st.integers(1, 150), min_size=1, max_size=5),
     modalities=st.sampled_from([("text",), ("text", "audio"), ("text", "audio", "visual")]),
     max_chunk=st.integers(1, 6),
-    codec=st.sampled_from(["bytes", "parts"]),
+    codec=st.sampled_from(["whole", "parts"]),
 )
 def test_streaming_equals_whole_dialogue(seed, window, lengths, modalities, max_chunk, codec):
     rng = np.random.default_rng(seed)
@@ -86,7 +86,7 @@ def test_streaming_equals_whole_dialogue(seed, window, lengths, modalities, max_
     dialogues = [_dialogue(rng, n, modalities) for n in lengths]
     reference = [engine.run_dialogue(d) for d in dialogues]
 
-    states: list[bytes | None] = [None] * len(dialogues)
+    states: list[dict[str, bytes] | None] = [None] * len(dialogues)
     stores: list[dict[str, bytes]] = [{} for _ in dialogues]  # parts, merged per write
     positions = [0] * len(dialogues)
     streamed: list[list[UtteranceResult]] = [[] for _ in dialogues]
@@ -98,7 +98,7 @@ def test_streaming_equals_whole_dialogue(seed, window, lengths, modalities, max_
         for i in picked:
             size = int(rng.integers(1, max_chunk + 1))
             chunks.append(dialogues[i][positions[i] : positions[i] + size])
-        if codec == "bytes":
+        if codec == "whole":
             loaded = [None if states[i] is None else engine.load_state(states[i]) for i in picked]
         else:
             loaded = [
@@ -112,8 +112,8 @@ def test_streaming_equals_whole_dialogue(seed, window, lengths, modalities, max_
             streamed[i].extend(res)
             positions[i] += len(res)
             assert state.position == positions[i]
-            if codec == "bytes":
-                states[i] = state.to_bytes()
+            if codec == "whole":
+                states[i] = state.to_parts()  # every part rewritten each step
             else:
                 stores[i].update(state.to_parts(since=positions[i] - len(res)))
 
@@ -132,7 +132,7 @@ def test_step_cost_does_not_depend_on_position():
     sizes = []
     for utt in dialogue:
         _, (state,) = engine.step([[utt]], [state])
-        sizes.append(len(state.to_bytes()))
+        sizes.append(parts_size(state.to_parts()))
     # after the window fills and the speakers are known, the size is constant
     assert len(set(sizes[20:])) == 1
 

@@ -288,7 +288,8 @@ def test_event_schemas_are_those_of_docs_schemas(doc: dict[str, Any]):
 
 def test_text_topic_matches_the_featurizer():
     """utterance-text's models live in workers/, which streaming/ may not import."""
-    from workers.featurize import GROUP_ID, TextEnd, TextUtterance, parse_text, text_dlq_topic
+    from streaming.events import TextEnd, TextUtterance, parse_text
+    from workers.featurize import GROUP_ID, text_dlq_topic
 
     doc = build_document()
     schemas = doc["components"]["schemas"]

@@ -37,21 +37,18 @@ from streaming.events import (
     ParsedUtterance,
     Shift,
     SummaryEvent,
+    TextEnd,
+    TextUtterance,
     dump_event,
     parse_input,
+    parse_text,
+    text_end_message,
+    text_message,
 )
 from streaming.settings import Settings
 from streaming.topics import ensure_topics
 from workers import cli_pipeline
-from workers.featurize import (
-    TextEnd,
-    TextUtterance,
-    featurize,
-    parse_text,
-    text_dlq_topic,
-    text_end_message,
-    text_message,
-)
+from workers.featurize import featurize, text_dlq_topic
 from workers.replay import ReplayStats, replay
 from workers.tail import RED, RESET, format_event, tail
 
@@ -112,6 +109,7 @@ def settings(kafka: EmbeddedKafka) -> Settings:
     tag = uuid.uuid4().hex[:8]
     return Settings(
         kafka_bootstrap=kafka.bootstrap,
+        featurizer_metrics_port=0,
         input_topic=f"features-{tag}",
         output_topic=f"events-{tag}",
         dlq_topic=f"features-{tag}.dlq",

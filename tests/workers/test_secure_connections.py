@@ -52,6 +52,7 @@ def _settings(tag: str, **given) -> Settings:
         group_id=f"{tag}-workers",
         key_prefix=tag,
         metrics_port=0,
+        featurizer_metrics_port=0,
         max_wait_ms=5,
         **FAST_GROUP,
     )
@@ -226,7 +227,12 @@ def _command(
 
 def _base_env() -> dict[str, str]:
     keep = {k: v for k, v in os.environ.items() if not k.startswith("CFNESA_")}
-    return {**keep, "CFNESA_METRICS_PORT": "0", "CFNESA_TORCH_THREADS": "1"}
+    return {
+        **keep,
+        "CFNESA_METRICS_PORT": "0",
+        "CFNESA_FEATURIZER_METRICS_PORT": "0",
+        "CFNESA_TORCH_THREADS": "1",
+    }
 
 
 def test_commands_exit_non_zero_naming_the_cause(tls_kafka, sasl_kafka, redis_server, pki, scaled):

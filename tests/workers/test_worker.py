@@ -323,6 +323,6 @@ def test_which_redis_errors_pause_the_worker(error: str, transient: bool):
     """Outages pause the worker with backoff; a programming error still stops it."""
     from redis.exceptions import ResponseError
 
-    from workers.worker import _redis_transient
+    from streaming.faults import redis_transient
 
-    assert _redis_transient(ResponseError(error)) is transient
+    assert redis_transient(ResponseError(error)) is transient
