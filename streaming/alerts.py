@@ -68,7 +68,8 @@ class OnsetRule(_Rule):
     alerts_per_100: float | None = Field(default=None, gt=0.0, le=100.0)
     min_precision: float | None = Field(default=None, gt=0.0, le=100.0)
     rearm_below: float | None = Field(default=None, ge=0.0, le=1.0)
-    rearm_after: int = Field(default=1, ge=1)
+    # None: learned with the score (alert_head.json), else 1
+    rearm_after: int | None = Field(default=None, ge=1)  # type: ignore[assignment]
     severity: Severity = "high"
 
     @model_validator(mode="after")
@@ -120,6 +121,8 @@ class AlertHead(BaseModel):
     weights: tuple[float, ...]
     bias: float
     operating_points: dict[str, tuple[OperatingPoint, ...]] = {}
+    # what `cfnesa fit-alerts` chose on validation: {"score": ..., "rearm_after": ...}
+    recommended: dict[str, Any] = {}
     trained_on: dict[str, Any] = {}
 
     @model_validator(mode="after")
@@ -195,9 +198,13 @@ class AlertRules(BaseModel):
         if not onset.enabled:
             return self.model_copy(update={"head": head})
         if onset.score == "auto":
-            onset = onset.model_copy(
-                update={"score": "alert_head" if head is not None else "p_negative"}
-            )
+            # what fit-alerts chose on validation for this checkpoint, else the head
+            chosen = head.recommended.get("score") if head is not None else None
+            score = chosen or ("alert_head" if head is not None else "p_negative")
+            onset = onset.model_copy(update={"score": score})
+        if onset.rearm_after is None:
+            learned = head.trained_on.get("rearm_after", {}) if head is not None else {}
+            onset = onset.model_copy(update={"rearm_after": int(learned.get(onset.score, 1))})
         if onset.score == "alert_head" and head is None:
             raise AlertRulesError(
                 'negative_onset uses score = "alert_head" but the checkpoint has no alert head '
@@ -405,7 +412,7 @@ class CallTracker:
         still = []
         for name in s.disarmed:
             if name == "negative_onset":
-                if s.quiet_run < onset.rearm_after:
+                if s.quiet_run < (onset.rearm_after or 1):
                     still.append(name)
                 continue
             rule = rules.emotion_shift if name == "emotion_shift" else rules.sustained_negative

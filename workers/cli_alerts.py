@@ -167,7 +167,11 @@ def cmd_fit_alerts(args: argparse.Namespace) -> int:
                 "valid": figures,
                 "chosen_on_valid": chosen,
                 "crossfit": [str(p) for p in args.crossfit],
-            }
+            },
+            "recommended": {
+                "score": found[chosen].score,
+                "rearm_after": found[chosen].rearm_after,
+            },
         }
     )
     out = Path(args.out) if args.out else engine.path
