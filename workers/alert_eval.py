@@ -329,9 +329,12 @@ def evaluate_alerts(
         need = round(b * gold.utterances / 100.0)
         loosest = next((alerts for _, alerts in reversed(sweep) if len(alerts) >= need), None)
         if loosest is None and sweep:
-            loosest = sweep[0][1]
+            # no threshold raises that many (hysteresis bounds the rate): the most it can
+            loosest = max((alerts for _, alerts in sweep), key=len)
+        figures = gold.at_budget(loosest or product, b, slack)
+        figures.extra["reached_budget"] = figures.alerts >= need
         budgets[str(b)] = {
-            "product": gold.at_budget(loosest or product, b, slack).to_dict(),
+            "product": figures.to_dict(),
             "naive": gold.at_budget(naive, b, slack).to_dict(),
         }
     report["budgets"] = budgets

@@ -96,9 +96,14 @@ def _print_report(r: dict[str, Any]) -> None:
         )
     print("precision at equal alert budgets (product vs naive):")
     for b, v in r["budgets"].items():
+        short = (
+            ""
+            if v["product"].get("reached_budget", True)
+            else f"   (the product cannot raise that many: {v['product']['alerts']} alerts at most)"
+        )
         print(
             f"  {b:>2s} per 100 utterances: {v['product']['precision']:5.1f} vs "
-            f"{v['naive']['precision']:5.1f}"
+            f"{v['naive']['precision']:5.1f}{short}"
         )
 
 

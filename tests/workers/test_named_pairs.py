@@ -35,8 +35,13 @@ def test_a_shipped_pair_loads_by_name_with_its_adapter_head_and_calibration(name
     head = load_head(ckpt.path)
     assert head is not None and head.operating_points["alert_head"]
     rules = AlertRules.load(None, head=head)
-    assert rules.negative_onset.score == "alert_head"
+    # score = "auto": what fit-alerts chose on validation for this pair, with its re-arm
+    assert rules.negative_onset.score == head.recommended["score"]
+    assert rules.negative_onset.rearm_after == head.recommended["rearm_after"]
     assert 0.0 < rules.negative_onset.threshold < 1.0
+    assert rules.negative_onset.threshold in {
+        p.threshold for p in head.operating_points[rules.negative_onset.score]
+    }
 
 
 def test_the_worker_and_the_featurizer_follow_a_checkpoint_named_in_the_settings():
