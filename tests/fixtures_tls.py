@@ -36,13 +36,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from debian import apt_install
 from fixtures_services import scale_timeout
 from pki import Pki, make_pki, openssl_available
 from tls_proxy import TlsProxy
 
 from streaming.embedded import EmbeddedKafka, EmbeddedRedis, free_port
-
-_INSTALL_TIMEOUT_S = 600
 
 
 @pytest.fixture(scope="session")
@@ -123,26 +122,11 @@ def find_tls_redis_server(install: bool = True) -> tuple[str | None, str]:
     found = _tls_capable(shutil.which("redis-server"))
     if found or not install:
         return found, "" if found else "no redis-server with TLS is installed"
-    if not shutil.which("apt-get"):
-        return None, "no redis-server with TLS, and no apt-get to install one"
-    if hasattr(os, "geteuid") and os.geteuid() != 0:
-        return None, "no redis-server with TLS (apt-get install -y redis-server needs root)"
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    install_cmd = ["apt-get", "install", "-y", "--no-install-recommends", "redis-server"]
-    log: list[str] = []
-    for cmd in (install_cmd, ["apt-get", "update"], install_cmd):
-        try:
-            done = subprocess.run(
-                cmd, env=env, capture_output=True, text=True, timeout=_INSTALL_TIMEOUT_S
-            )
-        except (OSError, subprocess.TimeoutExpired) as exc:
-            return None, f"installing redis-server failed: {exc}"
-        log.append(done.stderr[-300:])
-        if cmd is install_cmd and done.returncode == 0:
-            found = _tls_capable(shutil.which("redis-server"))
-            if found:
-                return found, ""
-    return None, f"apt-get install -y redis-server failed: {' | '.join(log).strip()}"
+    why = apt_install("redis-server")
+    found = _tls_capable(shutil.which("redis-server"))
+    if found:
+        return found, ""
+    return None, why or "the installed redis-server has no TLS"
 
 
 def _tls_capable(path: str | None) -> str | None:

@@ -20,7 +20,6 @@ import base64
 import contextlib
 import itertools
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -32,6 +31,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
+from debian import apt_install
 from websockets.asyncio.client import ClientConnection, connect
 
 from streaming.embedded import parent_death_signal
@@ -39,7 +39,6 @@ from streaming.embedded import parent_death_signal
 __all__ = ["BrowserError", "Chromium", "Page", "find_chromium"]
 
 _DEVTOOLS = re.compile(r"DevTools listening on (ws://\S+)")
-_INSTALL_TIMEOUT_S = 600
 
 
 class BrowserError(RuntimeError):
@@ -55,24 +54,9 @@ def find_chromium(install: bool = True) -> tuple[str | None, str]:
     found = shutil.which("chromium")
     if found or not install:
         return found, "" if found else "chromium is not installed"
-    if not shutil.which("apt-get"):
-        return None, "chromium is not installed and there is no apt-get to install it"
-    if hasattr(os, "geteuid") and os.geteuid() != 0:
-        return None, "chromium is not installed (apt-get install -y chromium needs root)"
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    install_cmd = ["apt-get", "install", "-y", "--no-install-recommends", "chromium"]
-    log: list[str] = []
-    for cmd in (install_cmd, ["apt-get", "update"], install_cmd):
-        try:
-            done = subprocess.run(
-                cmd, env=env, capture_output=True, text=True, timeout=_INSTALL_TIMEOUT_S
-            )
-        except (OSError, subprocess.TimeoutExpired) as exc:
-            return None, f"installing chromium failed: {exc}"
-        log.append(done.stderr[-300:])
-        if cmd is install_cmd and done.returncode == 0 and shutil.which("chromium"):
-            return shutil.which("chromium"), ""
-    return None, f"apt-get install -y chromium failed: {' | '.join(log).strip()}"
+    why = apt_install("chromium")
+    found = shutil.which("chromium")
+    return (found, "") if found else (None, why or "chromium is still missing after installing it")
 
 
 class Chromium:
