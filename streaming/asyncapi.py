@@ -39,8 +39,10 @@ from streaming.events import (
     DeadLetter,
     EmotionEvent,
     Expectations,
+    Figures,
     InvalidInput,
     Shift,
+    SpeakerFigures,
     SummaryEvent,
     TextEnd,
     TextUtterance,
@@ -265,6 +267,19 @@ _MODEL_ID = "cfnesa-meld-minilm@9b9c1ccc166d5104"
 _SPEC = "minilm-l6-v2"
 
 
+_FIGURES: dict[str, Any] = {
+    "utterances": 20,
+    "sentiment_mean": -0.31,
+    "sentiment_first_third": 0.05,
+    "sentiment_last_third": -0.58,
+    "sentiment_trend": -0.63,
+    "sentiment_min": -0.9,
+    "negative_share": 0.55,
+    "shifts": 5,
+    "alerts": 2,
+}
+
+
 def _examples() -> dict[str, dict[str, Any]]:
     """One example payload per message, made by the code that makes the real ones."""
     at = "2026-11-24T10:00:03.161Z"
@@ -273,10 +288,12 @@ def _examples() -> dict[str, dict[str, Any]]:
     emotion = EmotionEvent(
         conversation_id="call-0001",
         seq=12,
-        speaker="customer",
+        speaker="spk-2",
+        role="customer",
         emotion="anger",
         confidence=0.71,
         probabilities=probabilities,
+        sentiment=-0.82,  # joy 0.01 - (anger 0.71 + disgust 0.04 + fear 0.02 + sadness 0.06)
         shift=Shift(vs_previous=0.83, vs_speaker_previous=0.77),
         model=_MODEL_ID,
         ts="2026-11-24T10:00:03.120Z",
@@ -286,13 +303,18 @@ def _examples() -> dict[str, dict[str, Any]]:
         {
             "conversation_id": "call-0001",
             "seq": 12,
-            "speaker": "customer",
+            "speaker": "spk-2",
+            "role": "customer",
             "rule": "emotion_shift",
             "severity": "high",
             "from": "neutral",
             "to": "anger",
             "p_shift": 0.77,
-            "detail": "customer turned from neutral to anger",
+            "detail": "spk-2 turned from neutral to anger",
+            "evidence": [
+                {"seq": 10, "emotion": "neutral", "probability": 0.64, "sentiment": 0.02},
+                {"seq": 12, "emotion": "anger", "probability": 0.71, "sentiment": -0.82},
+            ],
             "model": _MODEL_ID,
             "ts": "2026-11-24T10:00:03.120Z",
             "emitted_at": at,
@@ -302,14 +324,18 @@ def _examples() -> dict[str, dict[str, Any]]:
         conversation_id="call-0001",
         seq=40,
         utterances=40,
-        speakers={"agent": {"neutral": 18, "joy": 2}, "customer": {"neutral": 9, "anger": 11}},
+        speakers={"spk-2": {"neutral": 9, "anger": 11}},
         shifts=7,
         alerts=2,
         gaps=0,
         first_ts="2026-11-24T09:58:10.400Z",
         last_ts="2026-11-24T10:01:55.020Z",
         duration_s=224.62,
-        dominant={"agent": "neutral", "customer": "anger"},
+        dominant={"spk-2": "anger"},
+        # a deployment that analyses customers only (CFNESA_ANALYZE_ROLES=customer)
+        roles={"customer": Figures(**_FIGURES)},
+        by_speaker={"spk-2": SpeakerFigures(role="customer", **_FIGURES)},
+        not_analyzed=20,
         model=_MODEL_ID,
         emitted_at="2026-11-24T10:01:55.070Z",
     )
@@ -317,11 +343,12 @@ def _examples() -> dict[str, dict[str, Any]]:
     utterance = utterance_event(
         "call-0001",
         12,
-        "customer",
+        "spk-2",
         {"text": vector},
         _SPEC,
         text="I have been waiting for an hour",
         ts="2026-11-24T10:00:03.120Z",
+        role="customer",
     )
     # the dead letter the shipped model's worker makes of that short vector
     refused = _refusal(utterance, Expectations(feature_spec=_SPEC, dims={"text": 384}))
@@ -342,7 +369,8 @@ def _examples() -> dict[str, dict[str, Any]]:
             "type": "utterance",
             "conversation_id": "call-0001",
             "seq": 12,
-            "speaker": "customer",
+            "speaker": "spk-2",
+            "role": "customer",
             "text": "I have been waiting for an hour",
             "ts": "2026-11-24T10:00:03.120Z",
         },

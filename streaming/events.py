@@ -82,6 +82,7 @@ class DeadLetterReason(StrEnum):
     NO_MODALITY = "no_modality"  # none of the model's modalities is present
     INVALID = "invalid"  # any other schema violation
     CONVERSATION_ENDED = "conversation_ended"  # an utterance after the conversation's end
+    BAD_ROLE = "bad_role"  # "role" is not agent, customer or other
 
 
 class InvalidInput(ValueError):
@@ -163,6 +164,10 @@ Timestamp = Annotated[
     PlainSerializer(format_ts, return_type=str),
 ]
 SchemaVersion = Annotated[Literal[1], BeforeValidator(_exact_int)]
+# Who spoke, on input (absent: unknown). Output events carry it too (null: unknown).
+Role = Literal["agent", "customer", "other"]
+ROLES: tuple[str, ...] = ("agent", "customer", "other")
+Sentiment = Annotated[float, Field(ge=-1.0, le=1.0, allow_inf_nan=False)]
 
 
 class EncodedVector(BaseModel):
@@ -222,6 +227,7 @@ class UtteranceEvent(_Input):
 
     type: Literal["utterance"]
     speaker: Speaker
+    role: Role | None = None  # absent: unknown (kept per speaker of the call)
     ts: Timestamp | None = None  # when the utterance ended
     features: Features
     feature_spec: Annotated[str, StringConstraints(min_length=1, max_length=256)]
@@ -387,6 +393,7 @@ _PRIORITY = (
     DeadLetterReason.UNSUPPORTED_SCHEMA_VERSION,
     DeadLetterReason.MISSING_CONVERSATION_ID,
     DeadLetterReason.BAD_SEQ,
+    DeadLetterReason.BAD_ROLE,
     DeadLetterReason.INVALID,
 )
 # pydantic error types that mean "no usable conversation id" rather than a malformed one.
@@ -409,6 +416,8 @@ def _explain(exc: ValidationError) -> tuple[DeadLetterReason, str]:
             reason = DeadLetterReason.MISSING_CONVERSATION_ID
         elif first == "seq":
             reason = DeadLetterReason.BAD_SEQ
+        elif first == "role":
+            reason = DeadLetterReason.BAD_ROLE
         else:  # includes a conversation id that is too long or holds control characters
             reason = DeadLetterReason.INVALID
         found.append((reason, f"{'.'.join(map(str, path))}: {error['msg']}"))
@@ -437,6 +446,7 @@ class TextUtterance(BaseModel):
     conversation_id: ConversationId
     seq: Seq
     speaker: Speaker
+    role: Role | None = None  # absent: unknown; passed on to utterance-features
     text: Annotated[str, StringConstraints(max_length=MAX_TEXT_CHARS)]
     ts: Timestamp | None = None
 
@@ -481,10 +491,15 @@ def parse_text(raw: bytes, max_bytes: int = DEFAULT_MAX_BYTES) -> TextUtterance 
 
 
 def text_message(
-    conversation_id: str, seq: int, speaker: str, text: str, ts: str | None = None
+    conversation_id: str,
+    seq: int,
+    speaker: str,
+    text: str,
+    ts: str | None = None,
+    role: str | None = None,
 ) -> bytes:
-    """Build an ``utterance-text`` utterance message (replay, tests)."""
-    message = {
+    """Build an ``utterance-text`` utterance message (replay, tests); no role: none sent."""
+    message: dict[str, Any] = {
         "type": "utterance",
         "conversation_id": conversation_id,
         "seq": seq,
@@ -492,6 +507,8 @@ def text_message(
         "text": text,
         "ts": ts,
     }
+    if role is not None:
+        message["role"] = role
     return json.dumps(message, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
 
 
@@ -545,6 +562,17 @@ class _Output(BaseModel):
         return self
 
 
+class Evidence(BaseModel):
+    """One utterance behind an alert."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    seq: Count
+    emotion: str
+    probability: Probability  # of that emotion
+    sentiment: Sentiment
+
+
 class Shift(BaseModel):
     """Shift probabilities: vs the previous utterance, and vs the speaker's previous one."""
 
@@ -559,9 +587,13 @@ class EmotionEvent(_Output):
 
     type: Literal["emotion"] = "emotion"
     speaker: Speaker
+    role: Role | None = None  # the speaker's role in the call; null: unknown
     emotion: str
     confidence: Probability
     probabilities: dict[str, Probability]
+    # positive emotions' probability mass minus negative ones' (the rules' label set);
+    # every worker since roles came sets it, null only in older events
+    sentiment: Sentiment | None = None
     shift: Shift = Field(default_factory=Shift)
     model: str
     ts: str | None = None
@@ -578,6 +610,7 @@ class AlertEvent(_Output):
 
     type: Literal["alert"] = "alert"
     speaker: Speaker
+    role: Role | None = None
     rule: Annotated[str, StringConstraints(min_length=1)]
     severity: Literal["low", "medium", "high"]
     from_emotion: str | None = Field(
@@ -588,17 +621,46 @@ class AlertEvent(_Output):
     )
     p_shift: Probability | None = None
     detail: str = ""
+    # the utterances that triggered it, oldest first (this one last)
+    evidence: list[Evidence] = Field(default_factory=list)
     model: str
     ts: str | None = None
     emitted_at: str = Field(default_factory=utc_now_iso)
 
 
+class Figures(BaseModel):
+    """A speaker's or a role's figures over a call (null: no utterance analysed).
+
+    The trend is the last third's mean sentiment minus the first third's.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    utterances: Count
+    sentiment_mean: Sentiment | None = None
+    sentiment_first_third: Sentiment | None = None
+    sentiment_last_third: Sentiment | None = None
+    sentiment_trend: Annotated[float, Field(ge=-2.0, le=2.0)] | None = None
+    sentiment_min: Sentiment | None = None
+    negative_share: Probability | None = None
+    shifts: Count = 0
+    alerts: Count = 0
+
+
+class SpeakerFigures(Figures):
+    """`Figures` of one speaker, with their role."""
+
+    role: Role | None = None
+
+
 class SummaryEvent(_Output):
     """A conversation's summary, on its end event. event_id: "{conversation_id}:{seq}:summary".
 
-    shifts counts utterances whose predicted emotion differs from the previous
-    utterance's; speakers holds per-speaker emotion counts, and dominant each
-    speaker's most frequent emotion.
+    utterances counts the analysed utterances (``not_analyzed`` the others: roles
+    the deployment leaves out); shifts counts utterances whose predicted emotion
+    differs from the previous analysed utterance's; speakers holds per-speaker
+    emotion counts, dominant each speaker's most frequent emotion, roles and
+    by_speaker the sentiment figures (`Figures`).
     """
 
     type: Literal["summary"] = "summary"
@@ -611,6 +673,13 @@ class SummaryEvent(_Output):
     last_ts: str | None = None
     duration_s: Annotated[float, Field(ge=0.0, allow_inf_nan=False)] | None = None
     dominant: dict[str, str]
+    # per role ("agent", "customer", "other", "unknown") and per speaker, of the
+    # analysed utterances only
+    roles: dict[Literal["agent", "customer", "other", "unknown"], Figures] = Field(
+        default_factory=dict
+    )
+    by_speaker: dict[str, SpeakerFigures] = Field(default_factory=dict)
+    not_analyzed: Count = 0  # utterances of roles the deployment does not analyse
     model: str
     emitted_at: str = Field(default_factory=utc_now_iso)
 
@@ -721,6 +790,7 @@ def utterance_event(
     ts: str | datetime | None = None,
     b64: bool = True,
     tenant: str | None = None,
+    role: str | None = None,
 ) -> bytes:
     """Build an utterance message for producers (replay, tests).
 
@@ -740,6 +810,8 @@ def utterance_event(
     rest = {"speaker": speaker, "features": features, "feature_spec": feature_spec, "text": text}
     if tenant is not None:
         rest["tenant"] = tenant
+    if role is not None:
+        rest["role"] = role
     return _message("utterance", conversation_id, seq, ts, rest)
 
 

@@ -19,11 +19,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal, Self
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 KafkaSecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
 KafkaSaslMechanism = Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"]
+ALL_ROLES = ("agent", "customer", "other", "unknown")  # "unknown": the input has no role
 
 
 class CommonSettings(BaseSettings):
@@ -212,9 +213,30 @@ class WorkerSettings(CommonSettings):
         default=None, description="alert rules TOML (default: built in)"
     )
     include_text: bool = Field(default=False, description="copy transcripts into emotion events")
+    analyze_roles: str = Field(
+        default=",".join(ALL_ROLES),
+        description="roles whose emotions are inferred, comma-separated (agent, customer, "
+        "other, unknown); the others only advance the call's model state (docs/operations.md: "
+        "the EU AI Act forbids inferring employees' emotions at work)",
+    )
     metrics_port: int = Field(
         default=9400, ge=0, le=65535, description="the worker's /metrics and /healthz (0: none)"
     )
+
+    @field_validator("analyze_roles")
+    @classmethod
+    def _known_roles(cls, value: str) -> str:
+        names = [n.strip() for n in value.split(",") if n.strip()]
+        unknown = [n for n in names if n not in ALL_ROLES]
+        if unknown or not names:
+            raise ValueError(
+                f"analyze_roles must name some of {', '.join(ALL_ROLES)}; got {value!r}"
+            )
+        return ",".join(n for n in ALL_ROLES if n in names)
+
+    def analyzed_roles(self) -> frozenset[str]:
+        """The roles whose emotions are inferred ("unknown": no role given)."""
+        return frozenset(self.analyze_roles.split(","))
 
 
 class FeaturizerSettings(CommonSettings):

@@ -52,11 +52,14 @@ def observe_result(
     *,
     ts: str | None = None,
     gap: bool = False,
+    seq: int | None = None,
+    role: str | None = None,
 ) -> list[Any]:
     """Feed one model result to a call's tracker: the worker's code path.
 
     The numbers are rounded to 6 decimals, as the emotion event carries them,
-    so the rules see exactly what a dashboard shows.
+    so the rules see exactly what a dashboard shows. ``seq`` and ``role`` as
+    `CallTracker.observe` takes them.
     """
     return tracker.observe(
         rules,
@@ -66,6 +69,8 @@ def observe_result(
         p_shift_speaker=_r(out.shift_vs_speaker_previous),
         ts=ts,
         gap=gap,
+        seq=seq,
+        role=role,
         probabilities={
             n: round(float(p), 6) for n, p in zip(labels, out.probabilities, strict=True)
         },

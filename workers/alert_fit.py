@@ -158,7 +158,9 @@ def onset_rules(
     }
     data["emotion_shift"] = {**data["emotion_shift"], "enabled": False}
     data["sustained_negative"] = {**data["sustained_negative"], "enabled": False}
-    return AlertRules.model_validate(data).resolve(head)
+    data["sentiment_below"] = {**data["sentiment_below"], "enabled": False}
+    rules = AlertRules.model_validate(data).resolve(head)
+    return rules.model_copy(update={"label_set": base.label_set})
 
 
 def operating_points(

@@ -217,6 +217,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
             checkpoint=Path(args.checkpoint) if args.checkpoint else None,
             stop=stop,
             gateway_port=args.gateway_port,
+            analyze_roles=args.analyze_roles,
         )
 
     counts = asyncio.run(main())
@@ -404,6 +405,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rate", type=float, default=6.0, help="utterances per second, all calls")
     p.add_argument("--limit", type=int, help="stop after this many conversations ended")
     p.add_argument("--gateway-port", type=int, help="dashboard port (default: a free one)")
+    p.add_argument(
+        "--analyze-roles",
+        help="roles whose emotions are inferred, e.g. customer (default: all; the replayed "
+        "calls' first speaker is the agent)",
+    )
     p.set_defaults(func=cmd_demo)
     return parser
 
@@ -424,6 +430,7 @@ def main(argv: list[str] | None = None) -> int:
     from pydantic import ValidationError
 
     from model.errors import CFNESAError
+    from streaming.alerts import AlertRulesError
     from streaming.errors import FatalError
 
     try:
@@ -438,6 +445,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except ValidationError as exc:  # CFNESA_* settings that cannot work
         print(f"cfnesa: invalid settings: {_describe(exc)}", file=sys.stderr)
+        return 2
+    except AlertRulesError as exc:  # the rules file names what is wrong
+        print(f"cfnesa: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("cfnesa: interrupted", file=sys.stderr)

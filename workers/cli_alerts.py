@@ -20,7 +20,7 @@ def _setup(args: argparse.Namespace) -> tuple[Any, Any, Any]:
     engine = StreamingEngine(ckpt.model, ckpt.fingerprint)
     engine.path = ckpt.path
     features = _checkpoint_features(args, ckpt)
-    rules = AlertRules.load(args.rules, head=load_head(ckpt.path))
+    rules = AlertRules.load(args.rules, head=load_head(ckpt.path), labels=ckpt.config.label_names)
     return engine, features, rules
 
 

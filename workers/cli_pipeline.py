@@ -50,6 +50,13 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     p.add_argument("--loop", action="store_true", help="start over when every dialogue played")
     p.add_argument("--conversation-prefix", default="call-", help="conversation id prefix")
     p.add_argument("--no-text", action="store_true", help="leave transcripts out of features")
+    p.add_argument(
+        "--roles",
+        choices=["first-agent", "none"],
+        default="first-agent",
+        help="first-agent: each call's first speaker is the agent, the others customers; "
+        "none: send no roles",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_replay)
 
@@ -146,7 +153,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
     from aiokafka.errors import KafkaError
 
     from model.data import read_transcripts
-    from workers.replay import replay
+    from workers.replay import ROLE_RULES, replay
 
     settings = _settings(args)
     path = _transcripts(args.data)
@@ -158,7 +165,8 @@ def cmd_replay(args: argparse.Namespace) -> int:
     print(
         f"replaying {len(dialogues)} {args.split} dialogues of {path.name} as "
         f"{min(args.calls, len(dialogues))} concurrent calls at {args.rate:g} utt/s "
-        f"-> {topic} on {settings.kafka_bootstrap}{' (loop)' if args.loop else ''}",
+        f"-> {topic} on {settings.kafka_bootstrap}{' (loop)' if args.loop else ''}\n"
+        f"roles: {ROLE_RULES[args.roles]} (--roles)",
         file=sys.stderr,
     )
 
@@ -174,6 +182,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
             prefix=args.conversation_prefix,
             include_text=not args.no_text,
             stop=stop,
+            roles=args.roles,
         )
         print(
             f"sent {stats.utterances} utterances in {len(stats.conversation_ids)} calls "

@@ -53,6 +53,7 @@ def _env(settings: Settings) -> dict[str, str]:
             "CFNESA_METRICS_PORT": str(settings.metrics_port),
             "CFNESA_FEATURIZER_METRICS_PORT": str(settings.featurizer_metrics_port),
             "CFNESA_INCLUDE_TEXT": "true" if settings.include_text else "false",
+            "CFNESA_ANALYZE_ROLES": settings.analyze_roles,
             "CFNESA_LOG_LEVEL": "WARNING",
             "CFNESA_SESSION_TIMEOUT_MS": "3000",
             "CFNESA_HEARTBEAT_INTERVAL_MS": "500",
@@ -117,10 +118,14 @@ async def run_demo(
     color: bool | None = None,
     stop: asyncio.Event | None = None,
     gateway_port: int | None = None,
+    analyze_roles: str | None = None,
 ) -> dict[str, Any]:
-    """Run the demo until ``stop`` (or, with ``limit``, until those calls ended)."""
+    """Run the demo until ``stop`` (or, with ``limit``, until those calls ended).
+
+    ``analyze_roles`` is the worker's CFNESA_ANALYZE_ROLES (None: every role).
+    """
     from model.data import read_transcripts
-    from workers.replay import replay
+    from workers.replay import ROLE_RULES, replay
 
     stop = stop or asyncio.Event()
     color = out.isatty() if color is None else color
@@ -153,6 +158,7 @@ async def run_demo(
             checkpoint=checkpoint,
             gateway_port=gateway_port or free_port(),
             gateway_secret=secrets.token_urlsafe(32),
+            analyze_roles=analyze_roles or Settings().analyze_roles,
         )
         env = _env(settings)
         procs.append(spawn(["worker"], env, logs / "worker.log"))
@@ -179,7 +185,11 @@ async def run_demo(
         counts["dashboard"] = dashboard
         print(
             f"replaying {len(dialogues)} {split} conversations of {data.name} as {calls} live "
-            f"calls at {rate:g} utterances/s (Ctrl-C stops)\n",
+            f"calls at {rate:g} utterances/s (Ctrl-C stops)\n"
+            f"roles: {ROLE_RULES['first-agent']}; emotions inferred for: "
+            f"{settings.analyze_roles.replace(',', ', ')}"
+            + ("" if analyze_roles else " (--analyze-roles customer leaves the agent out)")
+            + "\n",
             file=out,
             flush=True,
         )

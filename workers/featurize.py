@@ -11,10 +11,11 @@ contract the workers read. One batch, in `streaming.processor.StreamCore`'s orde
 Messages on ``utterance-text`` (JSON, key = conversation_id)::
 
     {"type": "utterance", "conversation_id": "call-0001", "seq": 12,
-     "speaker": "customer", "text": "...", "ts": "2026-11-24T10:00:03.120Z"}
+     "speaker": "spk-2", "role": "customer", "text": "...", "ts": "2026-11-24T10:00:03.120Z"}
     {"type": "end", "conversation_id": "call-0001", "seq": 40}
 
-"type" may be left out of an utterance; "ts" is optional; "schema_version",
+"type" may be left out of an utterance; "ts" and "role" (agent, customer or other;
+passed on with the features) are optional; "schema_version",
 when present, must be 1 (the contract is `streaming.events.TextUtterance` /
 `TextEnd`). Anything else goes to ``utterance-text.dlq`` as a
 `streaming.events.DeadLetter` with its reason, the original key and headers.
@@ -286,6 +287,7 @@ class Featurizer:
                     encoder.feature_spec,
                     text=item.text,
                     ts=ts,
+                    role=item.role,
                 )
                 row += 1
             out.append(Message(s.input_topic, item.conversation_id.encode(), value))

@@ -16,6 +16,11 @@ Two modes:
 
 Conversation ids are ``<prefix><n:04d>-<run tag>`` (``call-0001-3fa9c2``): the run
 tag keeps a second replay from reusing the id of a call that already ended.
+
+Roles (``roles``): the transcripts are not calls, so a rule gives them roles.
+``first-agent`` (the default): the speaker of a dialogue's first utterance is the
+agent (an agent opens the call), every other speaker a customer. ``none``: no
+role is sent (as a producer from before roles).
 """
 
 from __future__ import annotations
@@ -47,6 +52,23 @@ log = logging.getLogger(__name__)
 
 Mode = Literal["features", "text"]
 MODES: tuple[Mode, ...] = ("features", "text")
+RoleRule = Literal["first-agent", "none"]
+ROLE_RULES: dict[str, str] = {
+    "first-agent": "the first speaker of each call is the agent, the others customers",
+    "none": "no roles are sent",
+}
+
+
+def assign_roles(speakers: Sequence[str], rule: RoleRule = "first-agent") -> list[str | None]:
+    """Each utterance's role under ``rule`` (module docstring)."""
+    if rule == "none" or not speakers:
+        return [None] * len(speakers)
+    if rule != "first-agent":
+        raise ValueError(f"roles must be one of {sorted(ROLE_RULES)}, got {rule!r}")
+    agent = speakers[0]
+    return ["agent" if s == agent else "customer" for s in speakers]
+
+
 ENCODE_BATCH_UTTERANCES = 64  # dialogues are encoded together until they hold this many
 
 T = TypeVar("T")
@@ -127,6 +149,7 @@ async def replay(
     run_tag: str | None = None,
     include_text: bool = True,
     stop: asyncio.Event | None = None,
+    roles: RoleRule = "first-agent",
 ) -> ReplayStats:
     """Play dialogues as concurrent calls into Kafka.
 
@@ -147,6 +170,7 @@ async def replay(
         run_tag: the id suffix; a random one when None, none at all when "".
         include_text: carry the transcript in features events.
         stop: set it to end the replay: calls in progress send their end and stop.
+        roles: how the speakers get roles (module docstring).
 
     Returns:
         What was sent.
@@ -163,6 +187,8 @@ async def replay(
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if not dialogues:
         raise ValueError("no dialogues to replay")
+    if roles not in ROLE_RULES:
+        raise ValueError(f"roles must be one of {sorted(ROLE_RULES)}, got {roles!r}")
     stop = stop or asyncio.Event()
     tag = new_run_tag() if run_tag is None else run_tag
     stats = ReplayStats(run_tag=tag)
@@ -203,6 +229,7 @@ async def replay(
         spec = encoder.feature_spec if encoder is not None else ""
         player = _Player(settings, producer, mode, spec, _Pacer(rate), halt, stats, bar)
         player.include_text = include_text
+        player.roles = roles
         await asyncio.gather(*(player.run(queue) for _ in range(calls)))
         if _failed(feeder):
             feeder.result()  # an encoding error surfaces here
@@ -323,6 +350,7 @@ class _Player:
         self.bar = bar
         self.feature_spec = feature_spec
         self.include_text = True  # carry transcripts in features events
+        self.roles: RoleRule = "first-agent"
 
     async def run(self, queue: asyncio.Queue[_Call | None]) -> None:
         """One call slot: take the next call and play it, until none is left or halted."""
@@ -338,6 +366,7 @@ class _Player:
         key = cid.encode()
         d = call.dialogue
         sent = 0
+        roles = assign_roles(d.speakers, self.roles)
         for seq, (speaker, text) in enumerate(zip(d.speakers, d.texts, strict=True)):
             if not await self.pacer.wait(self.halt):
                 break
@@ -352,9 +381,10 @@ class _Player:
                     self.feature_spec,
                     text=text if self.include_text else None,
                     ts=ts,
+                    role=roles[seq],
                 )
             else:
-                value = text_message(cid, seq, speaker, text, ts=ts)
+                value = text_message(cid, seq, speaker, text, ts=ts, role=roles[seq])
             await self.producer.send_and_wait(self.topic, value=value, key=key)
             if sent == 0:
                 self.stats.conversation_ids.append(cid)

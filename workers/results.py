@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from model.engine import UtteranceResult
 from model.state import ConversationState
@@ -20,6 +20,8 @@ from streaming.alerts import AlertRules, CallTracker
 from streaming.events import (
     AlertEvent,
     EmotionEvent,
+    Evidence,
+    Role,
     Shift,
     SummaryEvent,
     dump_event,
@@ -56,6 +58,9 @@ class EventMapper:
         include_text: copy transcripts into emotion events.
         state_ttl_s: TTL of a live call's state; ended_ttl_s: of an ended call's.
         full_writes: write every state part each time (no cache to diff against).
+        analyze_roles: the roles whose emotions are inferred ("unknown": no role
+            given); an utterance of another role advances the model state and
+            nothing else: no event, no figure, no alert about it.
     """
 
     model_id: str
@@ -65,6 +70,7 @@ class EventMapper:
     state_ttl_s: int = 3600
     ended_ttl_s: int = 600
     full_writes: bool = False
+    analyze_roles: frozenset[str] = frozenset({"agent", "customer", "other", "unknown"})
 
     def outcome(
         self, step: Step, result: tuple[list[UtteranceResult], ConversationState] | None
@@ -92,7 +98,7 @@ class EventMapper:
                 tenant=step.end.tenant,
                 model=self.model_id,
                 emitted_at=utc_now_iso(),
-                **tracker.summary(),
+                **_summary_fields(tracker.summary()),
             )
             body = dump_event(summary)
             out.events.append(body)
@@ -138,19 +144,33 @@ class EventMapper:
     ) -> None:
         ev = parsed.event
         ts = _ts(ev.ts)
+        out.gaps += int(gap)
+        role = tracker.role_of(ev.speaker, ev.role)
+        if role not in self.analyze_roles:
+            tracker.skip(ev.speaker, ev.role)  # model context only: nothing is emitted
+            return
+        # the shift against the previous utterance says something about that
+        # utterance's speaker too: only when their role is analysed
+        vs_previous = res.shift_vs_previous if tracker.previous_analyzed else None
+        alerts = observe_result(
+            tracker, self.rules, ev.speaker, res, self.labels, ts=ts, gap=gap, seq=ev.seq, role=role
+        )
+        wire_role = cast("Role | None", None if role == "unknown" else role)
         emotion = EmotionEvent(
             event_id=f"{cid}:{ev.seq}:emotion",
             conversation_id=cid,
             seq=ev.seq,
             tenant=ev.tenant,
             speaker=ev.speaker,
+            role=wire_role,
             emotion=res.emotion,
             confidence=round(res.confidence, 6),
             probabilities={
                 n: round(float(p), 6) for n, p in zip(self.labels, res.probabilities, strict=True)
             },
+            sentiment=tracker.last_sentiment,
             shift=Shift(
-                vs_previous=_r(res.shift_vs_previous),
+                vs_previous=_r(vs_previous),
                 vs_speaker_previous=_r(res.shift_vs_speaker_previous),
             ),
             model=self.model_id,
@@ -161,10 +181,7 @@ class EventMapper:
         )
         out.events.append(dump_event(emotion))
         out.emotions.append(res.emotion)
-        out.gaps += int(gap)
-        for alert in observe_result(
-            tracker, self.rules, ev.speaker, res, self.labels, ts=ts, gap=gap
-        ):
+        for alert in alerts:
             out.alerts.append(alert.rule)
             event = AlertEvent(
                 event_id=f"{cid}:{ev.seq}:alert:{alert.rule}",
@@ -172,17 +189,36 @@ class EventMapper:
                 seq=ev.seq,
                 tenant=ev.tenant,
                 speaker=alert.speaker,
+                role=wire_role,
                 rule=alert.rule,
                 severity=alert.severity,
                 from_emotion=alert.from_emotion,
                 to_emotion=alert.to_emotion,
                 p_shift=_r(alert.p_shift),
                 detail=alert.detail,
+                evidence=[
+                    Evidence(
+                        seq=e.seq,
+                        emotion=e.emotion,
+                        probability=e.probability,
+                        sentiment=e.sentiment,
+                    )
+                    for e in alert.evidence
+                ],
                 model=self.model_id,
                 ts=ts,
                 emitted_at=emitted,
             )
             out.events.append(dump_event(event))
+
+
+def _summary_fields(summary: dict[str, Any]) -> dict[str, Any]:
+    """The tracker's summary with roles as the events write them (null: unknown)."""
+    by_speaker = {
+        name: {**f, "role": None if f["role"] == "unknown" else f["role"]}
+        for name, f in summary["by_speaker"].items()
+    }
+    return {**summary, "by_speaker": by_speaker}
 
 
 def stored_events(stored: list[bytes], seq: int, kind: str) -> list[bytes]:

@@ -1,10 +1,11 @@
 """`cfnesa tail`: print the emotion-events topic as it flows, one line per event.
 
-    call-0001-3fa9c2 #12  customer  anger     0.71  shift 0.77
-    call-0001-3fa9c2 #12  customer  [ALERT emotion_shift neutral->anger] p_shift 0.77 high
+    call-0001-3fa9c2 #12  spk1      customer  anger     0.71  sentiment -0.82  shift 0.77
+    call-0001-3fa9c2 #12  spk1      customer  [ALERT emotion_shift neutral->anger] ...
 
-An emotion line shows the predicted emotion, its confidence and the shift
-probability against the speaker's previous utterance (against the previous
+An emotion line shows the speaker and their role (blank when the producer sent
+none), the predicted emotion, its confidence, the sentiment (-1 to +1) and the
+shift probability against the speaker's previous utterance (against the previous
 utterance when the speaker has none yet; "-" at a call's start). Alerts are
 their own events, so they get their own line, right after the emotion line of
 the same utterance. Summaries are drawn as a small box.
@@ -87,7 +88,11 @@ def format_event(event: EmotionEvent | AlertEvent | SummaryEvent, color: bool = 
         if event.text:  # transcripts travel only where the deployment enables them
             words = event.text if len(event.text) <= 70 else event.text[:69] + "…"
             said = "  " + _paint(f'"{words}"', DIM, color)
-        line = f"{head} {event.speaker:<9} {emotion} {event.confidence:.2f}  shift {_p(shift)}"
+        sentiment = "" if event.sentiment is None else f"  sentiment {event.sentiment:+.2f}"
+        line = (
+            f"{head} {event.speaker:<9} {_role(event.role)}{emotion} {event.confidence:.2f}"
+            f"{sentiment}  shift {_p(shift)}"
+        )
         return line + gap + said
     if isinstance(event, AlertEvent):
         change = ""
@@ -96,8 +101,17 @@ def format_event(event: EmotionEvent | AlertEvent | SummaryEvent, color: bool = 
         alert = _paint(f"[ALERT {event.rule}{change}]", BOLD + RED, color)
         p_shift = "" if event.p_shift is None else f" p_shift {event.p_shift:.2f}"
         detail = f"  {event.detail}" if event.detail else ""
-        return f"{head} {event.speaker:<9} {alert}{p_shift} {event.severity}{detail}"
+        seqs = ",".join(f"#{e.seq}" for e in event.evidence)
+        evidence = f"  (evidence {seqs})" if seqs else ""
+        return (
+            f"{head} {event.speaker:<9} {_role(event.role)}{alert}{p_shift} "
+            f"{event.severity}{detail}{evidence}"
+        )
     return _summary_box(event, color)
+
+
+def _role(role: str | None) -> str:
+    return "" if role is None else f"{role:<8} "
 
 
 def _n(count: int, noun: str) -> str:
@@ -118,6 +132,21 @@ def _summary_box(event: SummaryEvent, color: bool) -> str:
         dominant = event.dominant.get(speaker, "-")
         painted = _paint(dominant, valence_color(dominant), color)
         rows.append((f"{speaker}: {painted} ({detail})", f"{speaker}: {dominant} ({detail})"))
+    for role, f in sorted(event.roles.items()):
+        if f.sentiment_mean is None:
+            continue
+        trend = ""
+        if f.sentiment_first_third is not None and f.sentiment_last_third is not None:
+            trend = (
+                f", {f.sentiment_first_third:+.2f} -> {f.sentiment_last_third:+.2f} "
+                f"(trend {f.sentiment_trend:+.2f})"
+            )
+        share = "" if f.negative_share is None else f", {f.negative_share:.0%} negative"
+        line = f"{role} sentiment {f.sentiment_mean:+.2f}{trend}{share}"
+        rows.append((line, line))
+    if event.not_analyzed:
+        line = f"{_n(event.not_analyzed, 'utterance')} of roles not analysed"
+        rows.append((line, line))
     width = max(len(plain) for _, plain in rows)
     side = _paint("│", CYAN, color)
     return "\n".join(

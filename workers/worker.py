@@ -109,7 +109,10 @@ class Worker:
         self.settings = s = settings
         self.engine = engine or StreamingEngine.load(s.checkpoint)
         # the learned alert head ships beside the checkpoint's weights (alert_head.json)
-        rules = rules or AlertRules.load(s.alert_rules, head=load_head(self.engine.path))
+        labels = list(self.engine.label_names)
+        rules = (
+            rules or AlertRules.load(s.alert_rules, head=load_head(self.engine.path))
+        ).for_labels(labels)
         self.metrics = metrics or WorkerMetrics()
         cfg = self.engine.config
         self.model_id = f"{cfg.name}@{self.engine.fingerprint}"
@@ -126,6 +129,7 @@ class Worker:
             state_ttl_s=s.state_ttl_s,
             ended_ttl_s=s.ended_ttl_s,
             full_writes=not s.state_cache,
+            analyze_roles=s.analyzed_roles(),
         )
         self.faults = FaultPlan(os.environ.get("CFNESA_FAULTS"))
         self.store = StateStore.from_settings(s)

@@ -9,16 +9,19 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from streaming.alerts import Alert, AlertRules, AlertRulesError, CallTracker
+from streaming.alerts import Alert, AlertRules, AlertRulesError, CallTracker, Evidence
 
+LABELS = ["neutral", "joy", "surprise", "anger", "sadness"]
 # Thresholds chosen so that the default p_shift / confidence of `feed` pass them.
 RULES = AlertRules.model_validate(
     {
-        "negative_emotions": ["anger", "sadness"],
+        "label_sets": {
+            "test": {"labels": LABELS, "positive": ["joy"], "negative": ["anger", "sadness"]}
+        },
         "emotion_shift": {"min_p_shift": 0.5, "min_confidence": 0.4, "rearm_after": 2},
         "sustained_negative": {"utterances": 3, "rearm_after": 2},
     }
-)
+).for_labels(LABELS)
 
 
 def feed(
@@ -77,8 +80,11 @@ def test_default_rules_load():
 def test_custom_file_loads(tmp_path: Path):
     path = tmp_path / "rules.toml"
     path.write_text(
-        'negative_emotions = ["frustrated"]\n'
         'speakers = ["customer"]\n'
+        "[label_sets.calls]\n"
+        'labels = ["calm", "frustrated"]\n'
+        "positive = []\n"
+        'negative = ["frustrated"]\n'
         "[emotion_shift]\n"
         "min_p_shift = 0.8\n"
         'severity = "low"\n'
@@ -171,6 +177,10 @@ def test_shift_fires_on_a_turn_from_calm_to_negative():
             p_shift=0.7,
             detail=alerts[0].detail,
             score=0.7,  # the shift probability ranks shift alerts
+            role="unknown",
+            # the speaker's previous utterance and this one; without probabilities
+            # the predicted emotion stands for the distribution (sentiment -0.8)
+            evidence=(Evidence(0, "neutral", 0.9, 0.0), Evidence(1, "anger", 0.8, -0.8)),
         )
     ]
     assert tracker.alerts == 1
@@ -344,10 +354,16 @@ utterances = st.lists(
 )
 
 rule_sets = st.builds(
-    lambda shift_rearm, sustained_rearm, n, speakers: with_rules(
-        emotion_shift=RULES.emotion_shift.model_copy(update={"rearm_after": shift_rearm}),
+    lambda shift_rearm, sustained_rearm, n, speakers, window, cooldown: with_rules(
+        emotion_shift=RULES.emotion_shift.model_copy(
+            update={"rearm_after": shift_rearm, "cooldown_utterances": cooldown}
+        ),
         sustained_negative=RULES.sustained_negative.model_copy(
             update={"rearm_after": sustained_rearm, "utterances": n}
+        ),
+        # windows in seconds and cooldowns keep timestamps in the stored state too
+        sentiment_below=RULES.sentiment_below.model_copy(
+            update={"enabled": True, "below": -0.3, "utterances": None, "seconds": window}
         ),
         speakers=speakers,
     ),
@@ -355,6 +371,8 @@ rule_sets = st.builds(
     st.integers(0, 3),
     st.integers(1, 4),
     st.sampled_from([frozenset(), frozenset({"customer"})]),
+    st.sampled_from([1.0, 2.5]),
+    st.sampled_from([None, 2]),
 )
 
 
@@ -447,6 +465,47 @@ def test_summary_counts():
         "first_ts": "2026-11-24T10:00:00.000Z",
         "last_ts": "2026-11-24T10:01:10.250Z",
         "duration_s": 70.25,
+        # every utterance was predicted at 0.9: neutral 0, anger -0.9; no roles given
+        "roles": {
+            "unknown": {
+                "utterances": 6,
+                "sentiment_mean": -0.45,
+                "sentiment_first_third": 0.0,  # the first two utterances
+                "sentiment_last_third": -0.9,  # the last two
+                "sentiment_trend": -0.9,
+                "sentiment_min": -0.9,
+                "negative_share": 0.5,
+                "shifts": 1,  # per speaker: the customer's neutral -> anger
+                "alerts": 2,
+            }
+        },
+        "by_speaker": {
+            "agent": {
+                "role": "unknown",
+                "utterances": 2,
+                "sentiment_mean": 0.0,
+                "sentiment_first_third": 0.0,
+                "sentiment_last_third": 0.0,
+                "sentiment_trend": 0.0,
+                "sentiment_min": 0.0,
+                "negative_share": 0.0,
+                "shifts": 0,
+                "alerts": 0,
+            },
+            "customer": {
+                "role": "unknown",
+                "utterances": 4,
+                "sentiment_mean": -0.675,
+                "sentiment_first_third": 0.0,  # round(4 / 3) = 1 utterance
+                "sentiment_last_third": -0.9,
+                "sentiment_trend": -0.9,
+                "sentiment_min": -0.9,
+                "negative_share": 0.75,
+                "shifts": 1,
+                "alerts": 2,
+            },
+        },
+        "not_analyzed": 0,
     }
 
 

@@ -22,15 +22,21 @@ from streaming.events import (
     DeadLetterReason,
     EmotionEvent,
     EndEvent,
+    Evidence,
     Expectations,
+    Figures,
     InvalidInput,
     ParsedUtterance,
     Shift,
+    SpeakerFigures,
     SummaryEvent,
+    TextUtterance,
     dump_event,
     end_event,
     load_output,
     parse_input,
+    parse_text,
+    text_message,
     utc_now_iso,
     utterance_event,
 )
@@ -109,6 +115,24 @@ def test_list_and_b64_decode_equal() -> None:
     assert np.array_equal(as_list.vectors["text"], as_b64.vectors["text"])
 
 
+@pytest.mark.parametrize("role", ["agent", "customer", "other", None])
+def test_roles_are_optional_and_kept(role: str | None) -> None:
+    raw = utterance_event("c", 0, "spk-1", {"text": _vector(1)}, SPEC, role=role)
+    assert (b'"role"' in raw) == (role is not None)  # old producers send none
+    parsed = parse_input(raw, EXPECT)
+    assert isinstance(parsed, ParsedUtterance) and parsed.event.role == role
+    text = parse_text(text_message("c", 0, "spk-1", "hello", role=role))
+    assert isinstance(text, TextUtterance) and text.role == role
+
+
+def test_a_bad_role_on_the_text_topic_is_a_dead_letter() -> None:
+    raw = text_message("c", 4, "spk-1", "hello", role="boss")
+    with pytest.raises(InvalidInput) as info:
+        parse_text(raw)
+    assert info.value.reason is R.BAD_ROLE
+    assert "role" in info.value.detail and (info.value.conversation_id, info.value.seq) == ("c", 4)
+
+
 def test_unknown_top_level_fields_are_ignored() -> None:
     """Forward compatibility: an upstream may add fields without breaking us."""
     parsed = parse_input(_raw(language="en"), EXPECT)
@@ -120,9 +144,11 @@ OUTPUTS: list[EmotionEvent | AlertEvent | SummaryEvent] = [
         conversation_id="call-1",
         seq=12,
         speaker="customer",
+        role="customer",
         emotion="anger",
         confidence=0.71,
         probabilities={"neutral": 0.29, "anger": 0.71},
+        sentiment=-0.71,
         shift=Shift(vs_previous=0.83, vs_speaker_previous=None),
         model="cfnesa-meld-minilm@abc",
         ts="2026-11-24T10:00:03.120Z",
@@ -137,6 +163,7 @@ OUTPUTS: list[EmotionEvent | AlertEvent | SummaryEvent] = [
         from_emotion="neutral",
         to_emotion="anger",
         p_shift=0.77,
+        evidence=[Evidence(seq=12, emotion="anger", probability=0.71, sentiment=-0.71)],
         model="cfnesa-meld-minilm@abc",
     ),
     SummaryEvent(
@@ -151,9 +178,33 @@ OUTPUTS: list[EmotionEvent | AlertEvent | SummaryEvent] = [
         last_ts="2026-11-24T10:05:00.000Z",
         duration_s=300.0,
         dominant={"agent": "neutral", "customer": "anger"},
+        roles={"customer": Figures(utterances=19, sentiment_mean=-0.4, sentiment_trend=-0.8)},
+        by_speaker={"customer": SpeakerFigures(utterances=19, role="customer")},
         model="cfnesa-meld-minilm@abc",
     ),
 ]
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"sentiment": 1.2},
+        {"sentiment": -1.01},
+        {"role": "agnet"},
+        {"role": "unknown"},  # unknown is written as null
+    ],
+)
+def test_emotion_events_keep_role_and_sentiment_in_range(change: dict[str, object]) -> None:
+    good = json.loads(dump_event(OUTPUTS[0]))
+    with pytest.raises(ValueError):
+        load_output(json.dumps({**good, **change}).encode())
+
+
+def test_older_emotion_events_without_role_or_sentiment_still_load() -> None:
+    good = json.loads(dump_event(OUTPUTS[0]))
+    del good["role"], good["sentiment"]
+    event = load_output(json.dumps(good).encode())
+    assert isinstance(event, EmotionEvent) and event.role is None and event.sentiment is None
 
 
 @pytest.mark.parametrize("event", OUTPUTS, ids=lambda e: e.type)
@@ -247,6 +298,10 @@ REASONS: dict[str, tuple[bytes, DeadLetterReason]] = {
     "bool in a vector": (_raw(features={"text": [True] * DIM}), R.INVALID),
     "empty speaker": (_raw(speaker=""), R.INVALID),
     "numeric ts": (_raw(ts=1_700_000_000), R.INVALID),
+    "unknown role": (_raw(role="supervisor"), R.BAD_ROLE),
+    "role in capitals": (_raw(role="Customer"), R.BAD_ROLE),
+    "null-like role": (_raw(role=""), R.BAD_ROLE),
+    "numeric role": (_raw(role=1), R.BAD_ROLE),
 }
 
 

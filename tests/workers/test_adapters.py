@@ -32,7 +32,9 @@ from streaming.events import (
     DeadLetterReason,
     EmotionEvent,
     EndEvent,
+    Evidence,
     Expectations,
+    Figures,
     InvalidInput,
     ParsedUtterance,
     Shift,
@@ -454,6 +456,30 @@ def _events() -> list[EmotionEvent | AlertEvent | SummaryEvent]:
             emitted_at=at,
         ),
     ]
+
+
+def test_tail_shows_roles_sentiment_evidence_and_figures() -> None:
+    emotion, alert, summary = _events()
+    line = format_event(
+        emotion.model_copy(update={"speaker": "spk1", "role": "customer", "sentiment": -0.705})
+    )
+    assert line == "call-0001 #12  spk1      customer anger     0.71  sentiment -0.70  shift 0.77"
+    evidence = [Evidence(seq=12, emotion="anger", probability=0.71, sentiment=-0.71)]
+    line = format_event(alert.model_copy(update={"role": "customer", "evidence": evidence}))
+    assert line.endswith("high  (evidence #12)") and " customer [ALERT " in line
+    figures = Figures(
+        utterances=6,
+        sentiment_mean=-0.25,
+        sentiment_first_third=0.1,
+        sentiment_last_third=-0.6,
+        sentiment_trend=-0.7,
+        negative_share=0.5,
+    )
+    box = format_event(
+        summary.model_copy(update={"roles": {"customer": figures}, "not_analyzed": 7})
+    )
+    assert "customer sentiment -0.25, +0.10 -> -0.60 (trend -0.70), 50% negative" in box
+    assert "7 utterances of roles not analysed" in box
 
 
 async def test_tail_prints_one_line_per_event(settings: Settings) -> None:

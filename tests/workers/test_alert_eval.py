@@ -123,8 +123,13 @@ def test_random_baseline_is_seeded_and_sized():
     assert random_alerts(ds, 7, seed=5) != a
 
 
+LABEL_SETS = {"test": {"labels": list(LABELS), "positive": ["calm"], "negative": ["upset"]}}
+RULES_HEAD = (  # the same label set in a rules file
+    '[label_sets.test]\nlabels = ["calm", "tense", "upset"]\npositive = ["calm"]\n'
+    'negative = ["upset"]\n'
+)
 ONSET = {
-    "negative_emotions": ["upset"],
+    "label_sets": LABEL_SETS,
     "negative_onset": {"enabled": True, "min_score": 0.5, "rearm_after": 1},
     "emotion_shift": {"enabled": False},
     "sustained_negative": {"enabled": False},
@@ -211,8 +216,7 @@ def test_eval_alerts_command_on_a_tiny_trained_model(tmp_path: Path):
     fs.save(tmp_path / "features.npz")
     rules = tmp_path / "rules.toml"
     rules.write_text(
-        'negative_emotions = ["upset"]\n'
-        "[negative_onset]\nenabled = true\nmin_score = 0.5\n"
+        RULES_HEAD + "[negative_onset]\nenabled = true\nmin_score = 0.5\n"
         "[emotion_shift]\nenabled = false\n[sustained_negative]\nenabled = false\n"
     )
     out, plot = tmp_path / "alerts.json", tmp_path / "pr.png"
@@ -267,7 +271,7 @@ def test_fit_alerts_learns_a_head_from_cross_fitted_folds(tmp_path: Path, capsys
     train_ids = {d.dialogue_id for d in fs.split("train")}
     assert set(held[0]) | set(held[1]) == train_ids and not set(held[0]) & set(held[1])
     rules = tmp_path / "rules.toml"
-    rules.write_text('negative_emotions = ["upset"]\n[negative_onset]\nenabled = true\n')
+    rules.write_text(RULES_HEAD + "[negative_onset]\nenabled = true\n")
     args = ["--features", str(tmp_path / "features.npz"), "--rules", str(rules)]
     code = cli(
         ["fit-alerts", "--checkpoint", str(tmp_path / "run" / "best"), *args, "--crossfit", *folds]

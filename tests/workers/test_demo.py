@@ -30,7 +30,7 @@ def _transcripts(path: Path, calls: int) -> Path:
     with path.open("w") as fh:
         for i in range(calls):
             utterances = [
-                {"speaker": ("agent", "customer")[j % 2], "text": t, "emotion": "neutral"}
+                {"speaker": ("spk0", "spk1")[j % 2], "text": t, "emotion": "neutral"}
                 for j, t in enumerate(LINES)
             ]
             fh.write(
@@ -40,10 +40,22 @@ def _transcripts(path: Path, calls: int) -> Path:
     return path
 
 
-def test_demo_runs_the_whole_pipeline(tmp_path: Path):
+def _demo(tmp_path: Path, *extra: str) -> str:
     data = _transcripts(tmp_path / "calls.jsonl", 2)
     done = subprocess.run(
-        [str(CFNESA), "demo", "--data", str(data), "--limit", "2", "--calls", "2", "--rate", "0"],
+        [
+            str(CFNESA),
+            "demo",
+            "--data",
+            str(data),
+            "--limit",
+            "2",
+            "--calls",
+            "2",
+            "--rate",
+            "0",
+            *extra,
+        ],
         capture_output=True,
         text=True,
         timeout=240,
@@ -51,13 +63,33 @@ def test_demo_runs_the_whole_pipeline(tmp_path: Path):
         check=False,
     )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
-    out = done.stdout
+    return done.stdout
+
+
+def test_demo_runs_the_whole_pipeline(tmp_path: Path):
+    out = _demo(tmp_path)
     assert "kafka   127.0.0.1:" in out and "redis   redis://127.0.0.1:" in out
     assert "dashboard: http://127.0.0.1:" in out and "/?token=" in out
+    assert "roles: the first speaker of each call is the agent" in out
     emotion_lines = [ln for ln in out.splitlines() if ln.startswith("call-") and "shift" in ln]
     assert len(emotion_lines) >= 2 * len(LINES)
+    # roles and sentiment on every line: spk0 opened each call, so spk0 is the agent
+    assert all(" spk0      agent " in ln or " spk1      customer " in ln for ln in emotion_lines)
+    assert all(" sentiment " in ln for ln in emotion_lines)
+    assert any(" spk0      agent " in ln for ln in emotion_lines)
     assert out.count("summary of call-") == 2
+    assert "customer sentiment " in out and "agent sentiment " in out
     assert "demo stopped: 12 emotion events" in out
+
+
+def test_demo_leaves_the_agent_out_one_flag_away(tmp_path: Path):
+    out = _demo(tmp_path, "--analyze-roles", "customer")
+    assert "emotions inferred for: customer" in out
+    emotion_lines = [ln for ln in out.splitlines() if ln.startswith("call-") and "shift" in ln]
+    assert emotion_lines and all(" spk1      customer " in ln for ln in emotion_lines)
+    assert "agent sentiment" not in out
+    assert out.count("3 utterances of roles not analysed") == 2
+    assert "demo stopped: 6 emotion events" in out
 
 
 def test_ctrl_c_stops_everything(tmp_path: Path):

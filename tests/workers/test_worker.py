@@ -116,6 +116,9 @@ BAD_CASES: dict[str, bytes] = {
         "minilm-l6-v2" if FEATURE_SPEC != "minilm-l6-v2" else "another-encoder",
     ),
     "no_modality": utterance_event("bad-m", 0, "agent", {"text": None}, FEATURE_SPEC),
+    "bad_role": utterance_event(
+        "bad-r", 0, "spk-1", {"text": np.ones(384)}, FEATURE_SPEC, role="supervisor"
+    ),
 }
 
 
