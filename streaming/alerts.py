@@ -472,7 +472,7 @@ FEATURES: tuple[str, ...] = (
     "position",  # log(1 + utterances so far in the call)
 )
 
-BUCKETS = 32  # sentiment buckets kept per speaker and role (the summary's thirds)
+BUCKETS = 16  # sentiment buckets kept per speaker and role (the summary's thirds)
 
 
 class SentimentTrack:
@@ -480,8 +480,10 @@ class SentimentTrack:
 
     Mean, minimum and the negative share are exact. The series behind the
     first-third / last-third trend is kept in at most ``BUCKETS`` buckets of
-    equal width: exact up to 32 utterances, then each bucket averages 2, 4...
-    consecutive utterances (pairs merge when the buckets are full).
+    equal width, as sums in thousandths: exact (to 0.001) up to 16 utterances,
+    then each bucket holds 2, 4... consecutive utterances (pairs merge when the
+    buckets are full), so a third's boundary moves by less than one bucket.
+    Bounded, because the tracker is rewritten to Redis with every utterance.
     """
 
     __slots__ = ("buckets", "low", "n", "negatives", "total", "width")
@@ -493,22 +495,23 @@ class SentimentTrack:
         self.low: float | None = d.get("m")
         self.negatives: int = d.get("g", 0)
         self.width: int = d.get("w", 1)
-        self.buckets: list[list[float]] = [list(b) for b in d.get("b", ())]
+        self.buckets: list[list[int]] = [list(b) for b in d.get("b", ())]
 
     def add(self, sentiment: float, negative: bool) -> None:
         self.n += 1
         self.total = round(self.total + sentiment, 6)
         self.low = sentiment if self.low is None else min(self.low, sentiment)
         self.negatives += int(negative)
+        milli = round(sentiment * 1000)
         if self.buckets and self.buckets[-1][1] < self.width:
-            last = self.buckets[-1]
-            last[0], last[1] = round(last[0] + sentiment, 6), last[1] + 1
+            self.buckets[-1][0] += milli
+            self.buckets[-1][1] += 1
         else:
-            self.buckets.append([sentiment, 1])
+            self.buckets.append([milli, 1])
         if len(self.buckets) > BUCKETS:
             b = self.buckets
             self.buckets = [
-                [round(sum(x[0] for x in b[i : i + 2]), 6), sum(int(x[1]) for x in b[i : i + 2])]
+                [sum(x[0] for x in b[i : i + 2]), sum(x[1] for x in b[i : i + 2])]
                 for i in range(0, len(b), 2)
             ]
             self.width *= 2
@@ -545,13 +548,13 @@ class SentimentTrack:
         }
 
 
-def _mean_until(buckets: Sequence[Sequence[float]], want: int) -> float:
-    total, count = 0.0, 0
-    for value, n in buckets:
-        total, count = total + value, count + int(n)
+def _mean_until(buckets: Sequence[Sequence[int]], want: int) -> float:
+    total, count = 0, 0
+    for milli, n in buckets:
+        total, count = total + milli, count + n
         if count >= want:
             break
-    return total / count
+    return total / count / 1000
 
 
 @dataclass
@@ -595,7 +598,8 @@ class _Speaker:
         )
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        """The fields that differ from a new speaker's (stored with every utterance)."""
+        full = {
             "role": self.role,
             "last": self.last,
             "negative_run": self.negative_run,
@@ -611,8 +615,29 @@ class _Speaker:
             "shifts": self.shifts,
             "alerts": self.alerts,
             "recent": self.recent or [],
-            "sentiment": (self.sentiment or SentimentTrack()).to_dict(),
+            "sentiment": self.sentiment.to_dict() if self.sentiment and self.sentiment.n else {},
         }
+        return {k: v for k, v in full.items() if v != _NEW_SPEAKER.get(k)}
+
+
+_NEW_SPEAKER: dict[str, Any] = {
+    "role": "unknown",
+    "last": None,
+    "negative_run": 0,
+    "negative_since": None,
+    "calm_run": 0,
+    "low_run": 0,
+    "low_since": None,
+    "fine_run": 0,
+    "disarmed": [],
+    "counts": {},
+    "p_negative": None,
+    "quiet_run": 0,
+    "shifts": 0,
+    "alerts": 0,
+    "recent": [],
+    "sentiment": {},
+}
 
 
 class CallTracker:

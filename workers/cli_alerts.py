@@ -234,3 +234,61 @@ def register(sub: Any) -> None:
     )
     p.add_argument("--out", help="folder for alert_head.json (default: the checkpoint's)")
     p.set_defaults(func=cmd_fit_alerts)
+
+    p = sub.add_parser(
+        "eval-sentiment",
+        help="score the sentiment score against gold sentiment labels (MELD)",
+    )
+    _add_sentiment_args(p)
+    p.set_defaults(func=cmd_eval_sentiment)
+
+
+def _add_sentiment_args(p: argparse.ArgumentParser) -> None:
+    from workers.cli_data import _add_data_args
+
+    _add_data_args(p)
+    p.add_argument(
+        "--checkpoint", help='checkpoint folder or shipped name ("meld", "iemocap"; default meld)'
+    )
+    p.add_argument("--rules", help="alert rules TOML with the label sets (default: built in)")
+    p.add_argument("--json", help="write the figures here")
+
+
+def cmd_eval_sentiment(args: argparse.Namespace) -> int:
+    from model.data import read_transcripts
+    from workers.cli_data import _transcript_path
+    from workers.sentiment_eval import evaluate_sentiment
+
+    engine, features, rules = _setup(args)
+    path = _transcript_path(args.data)
+    gold = {d.dialogue_id: d.labels for d in read_transcripts(path, label_field="sentiment")}
+    if not any(x is not None for labels in gold.values() for x in labels):
+        raise SystemExit(f"cfnesa: {path.name} has no sentiment labels to compare with")
+    valid, test = features.split("valid"), features.split("test")
+    print(
+        f"eval-sentiment: {engine.config.name}@{engine.fingerprint}, positive "
+        f"{sorted(rules.positive_emotions)}, negative {sorted(rules.negative_emotions)}; "
+        f"cut points chosen on {len(valid)} valid dialogues, reported on {len(test)} test ones",
+        flush=True,
+    )
+    report = {
+        "model": f"{engine.config.name}@{engine.fingerprint}",
+        "data": features.source,
+        "rules": str(args.rules) if args.rules else "built in",
+        **evaluate_sentiment(engine, rules, valid, test, gold),
+    }
+    for split in ("valid", "test"):
+        r = report[split]
+        means = ", ".join(f"{k} {v:+.2f}" for k, v in r["mean_by_gold"].items() if v is not None)
+        print(
+            f"{split:5}: AUROC negative {r['auroc_negative']:.1f}, positive "
+            f"{r['auroc_positive']:.1f}; Spearman {r['spearman']:.3f}; mean score by gold: "
+            f"{means}; labels (cuts {r['cuts']['low']:+.2f} / {r['cuts']['high']:+.2f}): "
+            f"macro-F1 {r['macro_f1']:.1f}, accuracy {r['accuracy']:.1f} "
+            f"(majority {r['majority_accuracy']:.1f})"
+        )
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(report, indent=1) + "\n")
+        print(f"written: {args.json}")
+    return 0
