@@ -110,9 +110,10 @@ class Worker:
         self.engine = engine or StreamingEngine.load(s.checkpoint)
         # the learned alert head ships beside the checkpoint's weights (alert_head.json)
         labels = list(self.engine.label_names)
-        rules = (
-            rules or AlertRules.load(s.alert_rules, head=load_head(self.engine.path))
-        ).for_labels(labels)
+        if rules is None:
+            rules = AlertRules.load(s.alert_rules, head=load_head(self.engine.path), labels=labels)
+        elif rules.label_set is None:
+            rules = rules.for_labels(labels)
         self.metrics = metrics or WorkerMetrics()
         cfg = self.engine.config
         self.model_id = f"{cfg.name}@{self.engine.fingerprint}"

@@ -163,3 +163,38 @@ def test_replay_gives_the_first_speaker_the_agent_role():
     assert assign_roles([]) == []
     with pytest.raises(ValueError, match="first-agent"):
         assign_roles(["A"], "random")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("text", "named"),
+    [
+        ('[negative_onset]\nroles = ["caller"]\n', "roles"),
+        ("[sentiment_below]\nenabled = true\nbelow = -0.5\nwindow = 3\n", "window"),
+        (
+            '[label_sets.mine]\nlabels = ["calm", "tense"]\npositive = []\nnegative = ["tense"]\n',
+            "match none",
+        ),
+    ],
+)
+def test_a_bad_rules_file_stops_the_worker_at_start_naming_what_is_wrong(
+    tmp_path, text: str, named: str
+):
+    import os
+    import subprocess
+
+    from support import CFNESA
+
+    rules = tmp_path / "rules.toml"
+    rules.write_text(text)
+    env = {
+        **os.environ,
+        "CFNESA_ALERT_RULES": str(rules),
+        "CFNESA_KAFKA_BOOTSTRAP": "127.0.0.1:9",  # never reached: the rules fail first
+        "CFNESA_METRICS_PORT": "0",
+    }
+    done = subprocess.run(
+        [str(CFNESA), "worker"], env=env, capture_output=True, text=True, timeout=120, check=False
+    )
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert str(rules) in done.stderr and named in done.stderr
+    assert "Traceback" not in done.stderr
