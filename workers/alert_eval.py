@@ -139,15 +139,28 @@ def run_rules(
     dialogues: Sequence[Dialogue],
     results: Sequence[Sequence[UtteranceResult]],
     labels: Sequence[str],
+    roles: Sequence[Sequence[str | None]] | None = None,
 ) -> list[Raised]:
-    """The alerts the worker would raise for these calls, in call order."""
+    """The alerts the worker would raise for these calls, in call order
+    (``roles``: each utterance's input role, as `role_plan` gives them)."""
     raised = []
     for c, (d, outs) in enumerate(zip(dialogues, results, strict=True)):
         tracker = CallTracker()
         for t, out in enumerate(outs):
-            for a in observe_result(tracker, rules, d.speakers[t], out, labels):
+            role = roles[c][t] if roles is not None else None
+            for a in observe_result(tracker, rules, d.speakers[t], out, labels, seq=t, role=role):
                 raised.append(Raised(c, t, a.speaker, a.rule, a.score))
     return raised
+
+
+def role_plan(dialogues: Sequence[Dialogue], rule: str) -> list[list[str | None]] | None:
+    """Each utterance's role under a replay role rule (`workers.replay.assign_roles`);
+    None for "none" (no roles: every speaker is unknown, as in the issue's definitions)."""
+    if rule == "none":
+        return None
+    from workers.replay import assign_roles
+
+    return [assign_roles(d.speakers, rule) for d in dialogues]  # type: ignore[arg-type]
 
 
 def naive_alerts(
@@ -167,9 +180,20 @@ def naive_alerts(
     return raised
 
 
-def random_alerts(dialogues: Sequence[Dialogue], count: int, seed: int = 0) -> list[Raised]:
-    """``count`` alerts on utterances drawn without replacement (seeded)."""
-    where = [(c, t) for c, d in enumerate(dialogues) for t in range(d.length)]
+def random_alerts(
+    dialogues: Sequence[Dialogue],
+    count: int,
+    seed: int = 0,
+    speakers: Sequence[set[str]] | None = None,
+) -> list[Raised]:
+    """``count`` alerts on utterances drawn without replacement (seeded), of
+    ``speakers[c]`` in call c when given."""
+    where = [
+        (c, t)
+        for c, d in enumerate(dialogues)
+        for t in range(d.length)
+        if speakers is None or d.speakers[t] in speakers[c]
+    ]
     rng = np.random.default_rng(seed)
     pick = rng.choice(len(where), size=min(count, len(where)), replace=False)
     chosen = sorted(where[int(i)] for i in pick)
@@ -231,13 +255,22 @@ class Figures:
 class Gold:
     """The gold negative episodes of a split, indexed for scoring."""
 
-    def __init__(self, dialogues: Sequence[Dialogue], negative_labels: Sequence[bool]) -> None:
-        """``negative_labels[k]``: class k counts as negative."""
+    def __init__(
+        self,
+        dialogues: Sequence[Dialogue],
+        negative_labels: Sequence[bool],
+        speakers: Sequence[set[str]] | None = None,
+    ) -> None:
+        """``negative_labels[k]``: class k counts as negative; ``speakers[c]``: the
+        speakers of call c whose episodes count (None: everyone's)."""
         self.utterances = sum(d.length for d in dialogues)
         self.episodes: list[list[Episode]] = []
-        for d in dialogues:
+        for c, d in enumerate(dialogues):
             neg = [bool(y >= 0 and negative_labels[int(y)]) for y in d.labels]
-            self.episodes.append(gold_episodes(d.speakers, neg))
+            found = gold_episodes(d.speakers, neg)
+            if speakers is not None:
+                found = [e for e in found if e.speaker in speakers[c]]
+            self.episodes.append(found)
         self.total = sum(len(e) for e in self.episodes)
 
     def score(self, alerts: Sequence[Raised], slack: int = 2) -> Figures:
@@ -305,19 +338,41 @@ def evaluate_alerts(
     seed: int = 0,
     results: Sequence[Sequence[UtteranceResult]] | None = None,
     curve: bool = True,
+    roles: str = "none",
 ) -> dict[str, Any]:
-    """The product's rules, the naive rule and random alerts on one split."""
+    """The product's rules, the naive rule and random alerts on one split.
+
+    ``roles``: "none" (no roles), or a replay role rule ("first-agent"): the calls
+    are then scored from the customer's side: only customers' episodes count, and
+    the naive rule and random alerts are about customers only.
+    """
     labels = engine.label_names
     outs = results if results is not None else stream(engine, dialogues)
-    gold = Gold(dialogues, negative_flags(data_labels, gold_negative or rules.negative_emotions))
-    product = run_rules(rules, dialogues, outs, labels)
+    plan = role_plan(dialogues, roles)
+    customers = (
+        None
+        if plan is None
+        else [
+            {s for s, r in zip(d.speakers, p, strict=True) if r == "customer"}
+            for d, p in zip(dialogues, plan, strict=True)
+        ]
+    )
+    gold = Gold(
+        dialogues,
+        negative_flags(data_labels, gold_negative or rules.negative_emotions),
+        customers,
+    )
+    product = run_rules(rules, dialogues, outs, labels, plan)
     naive = naive_alerts(dialogues, outs, rules.negative_emotions)
-    rand = random_alerts(dialogues, len(product), seed)
+    if customers is not None:
+        naive = [a for a in naive if a.speaker in customers[a.call]]
+    rand = random_alerts(dialogues, len(product), seed, customers)
     report: dict[str, Any] = {
         "episodes": gold.total,
         "utterances": gold.utterances,
         "dialogues": len(dialogues),
         "slack": slack,
+        "roles": roles,
         "gold_negative": sorted(set(data_labels) & (gold_negative or rules.negative_emotions)),
         "product": gold.score(product, slack).to_dict(),
         "naive": gold.score(naive, slack).to_dict(),
@@ -329,7 +384,7 @@ def evaluate_alerts(
         "threshold": _main_threshold(rules),
     }
     budgets: dict[str, Any] = {}
-    sweep = _sweep(rules, dialogues, outs, labels, gold, slack) if curve else []
+    sweep = _sweep(rules, dialogues, outs, labels, gold, slack, plan) if curve else []
     for b in BUDGETS:
         need = round(b * gold.utterances / 100.0)
         loosest = next((alerts for _, alerts in reversed(sweep) if len(alerts) >= need), None)
@@ -363,9 +418,12 @@ def _sweep(
     labels: Sequence[str],
     gold: Gold,
     slack: int,
+    plan: Sequence[Sequence[str | None]] | None = None,
 ) -> list[tuple[float, list[Raised]]]:
     """The product's alerts at each value of its main threshold (ascending)."""
-    return [(t, run_rules(rules.with_threshold(t), dialogues, outs, labels)) for t in thresholds()]
+    return [
+        (t, run_rules(rules.with_threshold(t), dialogues, outs, labels, plan)) for t in thresholds()
+    ]
 
 
 def plot_curve(report: Mapping[str, Any], path: str | Path, title: str) -> Path:

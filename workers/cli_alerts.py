@@ -55,6 +55,7 @@ def cmd_eval_alerts(args: argparse.Namespace) -> int:
         gold_negative=gold_negative,
         slack=args.slack,
         seed=args.seed,
+        roles=args.roles,
     )
     report = {
         "model": f"{engine.config.name}@{engine.fingerprint}",
@@ -78,6 +79,7 @@ def _print_report(r: dict[str, Any]) -> None:
     print(
         f"{r['episodes']} gold negative episodes in {r['utterances']} utterances "
         f"(negative: {', '.join(r['gold_negative'])}; slack {r['slack']})"
+        + ("" if r.get("roles", "none") == "none" else f"; customers' only (roles {r['roles']})")
     )
     head = f"{'':22s} {'precision':>9s} {'recall':>7s} {'F1':>6s} {'per 100':>8s} {'redundant':>9s}"
     print(head)
@@ -217,6 +219,13 @@ def register(sub: Any) -> None:
     _common(p)
     p.add_argument("--split", default="test")
     p.add_argument("--seed", type=int, default=0, help="seed of the random baseline")
+    p.add_argument(
+        "--roles",
+        choices=["none", "first-agent"],
+        default="none",
+        help="none: no roles (every speaker unknown); first-agent: each call's first speaker "
+        "is the agent, the others customers, and only customers' episodes count",
+    )
     p.add_argument("--json", help="write the figures here")
     p.add_argument("--plot", help="write the precision-recall curve (PNG) here")
     p.set_defaults(func=cmd_eval_alerts)

@@ -21,6 +21,7 @@ from workers.alert_eval import (
     gold_episodes,
     naive_alerts,
     random_alerts,
+    role_plan,
     run_rules,
 )
 
@@ -290,3 +291,27 @@ def test_fit_alerts_learns_a_head_from_cross_fitted_folds(tmp_path: Path, capsys
     assert cli(["eval-alerts", "--checkpoint", str(tmp_path / "run" / "best"), *args,
                 "--json", str(out)]) == 0  # fmt: skip
     assert json.loads(out.read_text())["product"]["alerts"] > 0
+
+
+def test_roles_score_from_the_customers_side():
+    """With roles (the first speaker is the agent), rules that watch customers only are
+    scored on customers' episodes, and so are the baselines."""
+    # A (agent, first) and B (customer) are both upset twice, apart
+    d = _dialogue("ABABABAB", "uuccuucc")
+    outs = _results("ABABABAB", [0.9, 0.9, 0.1, 0.1, 0.9, 0.9, 0.1, 0.1])
+    rules = AlertRules.model_validate(
+        {**ONSET, "negative_onset": {**ONSET["negative_onset"], "roles": ["customer"]}}
+    ).resolve(None)
+    plan = role_plan([d], "first-agent")
+    assert plan == [["agent", "customer"] * 4]
+    raised = run_rules(rules, [d], [outs], LABELS, plan)
+    assert [(a.position, a.speaker) for a in raised] == [(1, "B"), (5, "B")]
+    # without roles nobody is a customer: a customers-only rule raises nothing
+    assert run_rules(rules, [d], [outs], LABELS) == []
+    customers = [{"B"}]
+    gold = Gold([d], [False, False, True], customers)
+    assert gold.total == 2 and all(e.speaker == "B" for e in gold.episodes[0])
+    assert gold.score(raised).f1 == 100.0
+    assert Gold([d], [False, False, True]).total == 4  # everyone's episodes
+    drawn = random_alerts([d], 3, seed=1, speakers=customers)
+    assert len(drawn) == 3 and {a.speaker for a in drawn} == {"B"}
