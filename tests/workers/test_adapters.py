@@ -229,6 +229,11 @@ async def test_replay_features_mode_produces_valid_feature_events(
         utterances = [p for p in parsed if isinstance(p, ParsedUtterance)]
         assert [p.seq for p in utterances] == list(range(dialogue.length))
         assert [p.event.speaker for p in utterances] == list(dialogue.speakers)
+        # the default role rule: the dialogue's first speaker is the agent
+        first = dialogue.speakers[0]
+        assert [p.event.role for p in utterances] == [
+            "agent" if spk == first else "customer" for spk in dialogue.speakers
+        ]
         assert [p.event.text for p in utterances] == list(dialogue.texts)
         assert all(p.event.ts is not None for p in utterances)
         np.testing.assert_allclose(
@@ -296,8 +301,9 @@ async def test_featurize_encodes_text_forwards_ends_and_dead_letters_bad_input(
     dlq = text_dlq_topic(settings)
     await _topics(settings, settings.text_topic, settings.input_topic, dlq)
     texts = ["I want to cancel.", "Why is that?", "Because it never works!"]
+    roles = ["customer", "agent", None]  # the last one sends no role
     messages = [
-        ("c-1", text_message("c-1", i, "customer" if i != 1 else "agent", t))
+        ("c-1", text_message("c-1", i, "customer" if i != 1 else "agent", t, role=roles[i]))
         for i, t in enumerate(texts)
     ]
     messages.insert(1, ("c-1", b'{"conversation_id":"c-1","seq":"one","speaker":"x","text":"y"}'))
@@ -322,6 +328,7 @@ async def test_featurize_encodes_text_forwards_ends_and_dead_letters_bad_input(
         (1, "agent", texts[1]),
         (2, "customer", texts[2]),
     ]
+    assert [p.event.role for p in utterances] == roles  # passed on as given
     np.testing.assert_allclose(
         np.stack([p.vectors["text"] for p in utterances]), encoder.encode(texts), atol=1e-5
     )
