@@ -848,7 +848,9 @@ async def test_dashboard_opened_mid_shift_shows_calls_in_progress_roles_sentimen
         assert "#3" in evidence["items"][0] and "anger 70%" in evidence["items"][0]
         assert "sentiment −0.60" in evidence["items"][0]
 
-        # live: the calm call turns (an alert and a very negative customer): it goes first
+        # live: the calm call turns (an alert and a very negative customer): it goes first,
+        # and keeps the keyboard focus while its row moves
+        await page.evaluate("document.querySelector('li.call[data-id=\"calm\"]').focus()")
         await publisher.publish(
             [
                 feeling("calm", 6, "agent", "neutral", 0.0),
@@ -860,6 +862,7 @@ async def test_dashboard_opened_mid_shift_shows_calls_in_progress_roles_sentimen
         )
         order = await page.wait_for(f"(({ORDER_JS})[0] === 'calm') && {ORDER_JS}", scaled(10))
         assert order[:2] == ["calm", "angry"]
+        assert await page.evaluate("document.activeElement.dataset.id") == "calm"
         points = await page.evaluate(
             "document.querySelector('li.call[data-id=\"calm\"] .c-spark polyline')"
             ".getAttribute('points').split(' ').length"

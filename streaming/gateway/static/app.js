@@ -696,6 +696,8 @@
     }
     rows.sort(compareCalls);
     const list = el.active;
+    // Moving a node blurs it: a keyboard user keeps the row they are on.
+    const focused = list.contains(document.activeElement) ? document.activeElement : null;
     let node = list.firstElementChild;
     for (const call of rows) {
       const row = call.view.row;
@@ -705,6 +707,7 @@
         list.insertBefore(row, node); // only rows out of place move
       }
     }
+    if (focused && document.activeElement !== focused) focused.focus({ preventScroll: true });
   }
 
   function renderCounters() {
