@@ -4,13 +4,14 @@ A standalone client to copy; it needs only `pip install websockets` (13 or newer
 
     export CFNESA_TOKEN=...   # from the operator (cfnesa token --tenant acme ...)
     python subscriber.py --url wss://emotions.example.com/ws call-0001 call-0002
-    python subscriber.py --url wss://emotions.example.com/ws --all   # every call, live only
+    python subscriber.py --url wss://emotions.example.com/ws --all   # every call
 
 Per conversation it gets a snapshot of the recent events, then the live ones. It
 reconnects with backoff and subscribes again; the new snapshot repeats what it has
 printed already, so it keeps the newest seq (and that seq's event ids) per call and
-skips anything not newer. With --all there are no snapshots: events sent while it
-was disconnected are missed. Status lines go to stderr, events to stdout.
+skips anything not newer. With --all the snapshots are those of the calls in
+progress (up to the gateway's bound; the others show up when they next speak)
+and of the recently ended calls. Status lines go to stderr, events to stdout.
 """
 
 import argparse

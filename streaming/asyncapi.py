@@ -107,7 +107,8 @@ CLOSE_CODES: dict[int, str] = {
 # The client's ops (streaming.gateway.protocol; a test checks this list against it).
 CLIENT_OPS: dict[str, str] = {
     "subscribe": "Start receiving the named conversations (a snapshot each, then live "
-    "events) or, with all: true, every live event of the token's tenant (no snapshots).",
+    "events) or, with all: true, every call of the token's tenant (a snapshot of each "
+    "call in progress, up to a bound, and of the recently ended ones, then live events).",
     "unsubscribe": "Stop receiving the named conversations, or the all subscription.",
 }
 
@@ -203,17 +204,42 @@ def _gateway_schemas() -> dict[str, Any]:
         }
 
     def acknowledged(op: str) -> dict[str, Any]:
+        properties: dict[str, Any] = {
+            "type": {"const": f"{op}d"},
+            "conversations": {"type": "array", "items": {"$ref": _SCHEMAS + "ConversationId"}},
+            "all": {"const": True},
+            "id": {"$ref": _SCHEMAS + "RequestId"},
+        }
+        description = f"The {op} request was applied; names what it applied to."
+        if op == "subscribe":
+            count = {"type": "integer", "minimum": 0}
+            properties |= {
+                "active": {**count, "description": "all: calls in progress in the tenant"},
+                "snapshots": {
+                    **count,
+                    "description": "all: snapshots of calls in progress that follow "
+                    "(the most recently active; at most gateway_snapshot_calls)",
+                },
+                "truncated": {
+                    "type": "boolean",
+                    "description": "all: active > snapshots; the calls left out appear "
+                    "when they next speak",
+                },
+                "ended": {
+                    **count,
+                    "description": "all: snapshots of recently ended calls that follow "
+                    "those (latest first)",
+                },
+            }
+            description += (
+                " With all: true, it also says how many snapshots follow it before the live events."
+            )
         return {
             "title": f"{op}d reply",
-            "description": f"The {op} request was applied; names what it applied to.",
+            "description": description,
             "type": "object",
             "required": ["type"],
-            "properties": {
-                "type": {"const": f"{op}d"},
-                "conversations": {"type": "array", "items": {"$ref": _SCHEMAS + "ConversationId"}},
-                "all": {"const": True},
-                "id": {"$ref": _SCHEMAS + "RequestId"},
-            },
+            "properties": properties,
             "oneOf": [{"required": ["conversations"]}, {"required": ["all"]}],
         }
 
@@ -235,6 +261,11 @@ def _gateway_schemas() -> dict[str, Any]:
             "properties": {
                 "type": {"const": "snapshot"},
                 "conversation_id": {"$ref": _SCHEMAS + "ConversationId"},
+                "ended": {
+                    "const": True,
+                    "description": "a recently ended call's snapshot (subscribe all); its "
+                    "last event is the summary",
+                },
                 "events": {"type": "array", "items": {"oneOf": events}},
             },
         },

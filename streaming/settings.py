@@ -107,6 +107,11 @@ class CommonSettings(BaseSettings):
         default=600, ge=1, description="how long an ended call's summary is kept"
     )
     recent_events: int = Field(default=64, ge=1, description="output events kept per conversation")
+    recent_ended_calls: int = Field(
+        default=20,
+        ge=0,
+        description="ended calls listed per tenant for the gateway's all-calls snapshot",
+    )
 
     max_message_bytes: int = Field(default=1_000_000, ge=1_024)
 
@@ -291,6 +296,12 @@ class GatewaySettings(CommonSettings):
     )
     snapshot_events: int | None = Field(
         default=None, ge=1, description="gateway: events per snapshot (default: recent_events)"
+    )
+    gateway_snapshot_calls: int = Field(
+        default=200,
+        ge=0,
+        description="gateway: most active calls snapshotted on `subscribe all` (the most "
+        "recently active; the others show up when they next speak)",
     )
 
 

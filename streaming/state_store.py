@@ -114,6 +114,11 @@ class StateStore:
 
         self._cluster = isinstance(client, RedisCluster)
 
+    @property
+    def cluster(self) -> bool:
+        """The client is a Redis Cluster client (no scripts in its pipelines)."""
+        return self._cluster
+
     @classmethod
     def connect(
         cls,
@@ -176,14 +181,18 @@ class StateStore:
             out[cid] = Stored(seq=None if seq is None else int(seq), fields=fields)
         return out
 
-    async def events(self, conversation_ids: Iterable[str]) -> dict[str, list[bytes]]:
-        """The recent output events of these conversations, oldest first."""
+    async def events(
+        self, conversation_ids: Iterable[str], last: int | None = None
+    ) -> dict[str, list[bytes]]:
+        """The recent output events of these conversations (the ``last`` ones of each,
+        default all kept), oldest first, in one round trip."""
         ids = list(dict.fromkeys(conversation_ids))
         if not ids:
             return {}
+        start = 0 if last is None else -max(last, 1)
         async with self.client.pipeline(transaction=False) as pipe:
             for cid in ids:
-                pipe.lrange(self.events_key(cid), 0, -1)
+                pipe.lrange(self.events_key(cid), start, -1)
             rows = await pipe.execute()
         return dict(zip(ids, rows, strict=True))
 

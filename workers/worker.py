@@ -46,6 +46,7 @@ from model.engine import StreamingEngine, Utterance, UtteranceResult
 from model.errors import CFNESAError
 from model.state import ConversationState
 from streaming.alerts import AlertRules
+from streaming.call_index import CallIndex
 from streaming.errors import StateConflictError
 from streaming.events import (
     DeadLetter,
@@ -61,6 +62,7 @@ from streaming.processor import Message, StreamCore
 from streaming.security import kafka_client_options, redact_url
 from streaming.settings import WorkerSettings
 from streaming.state_store import StateStore
+from workers.activity import activity
 from workers.alert_eval import load_head
 from workers.conversations import Conversations
 from workers.metrics import WorkerMetrics, serve_ops
@@ -140,6 +142,12 @@ class Worker:
             enabled=s.state_cache,
             max_cached=s.max_cached_states,
             on_reset=lambda reason: self.metrics.state_resets.labels(reason).inc(),
+        )
+        self.calls = CallIndex(
+            self.store,
+            state_ttl_s=s.state_ttl_s,
+            ended_ttl_s=s.ended_ttl_s,
+            keep_ended=s.recent_ended_calls,
         )
         self.status = Health()
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="cfnesa-step")
@@ -290,6 +298,8 @@ class Worker:
                     self.conversations.remember(step.cid, out.conv)
             self.metrics.conflicts.inc(len(refused))
             self.conversations.forget(refused)
+            # the calls-in-progress index (streaming/call_index.py), after the commits
+            await self.calls.record(activity(batch, steps, outcomes, refused))
             pending = {c: pending[c] for c in refused}
         if pending:
             raise StateConflictError(pending)

@@ -33,11 +33,11 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from streaming.call_index import DEFAULT_TENANT
 from streaming.gateway.errors import AuthError, AuthReason
 
 __all__ = ["DEFAULT_TENANT", "MIN_SECRET_CHARS", "Claims", "TokenSigner", "event_tenant"]
 
-DEFAULT_TENANT = "default"  # the tenant of events that carry none
 MIN_SECRET_CHARS = 16
 TOKEN_VERSION = 1
 MAX_TOKEN_CHARS = 8192  # a header line, not a document

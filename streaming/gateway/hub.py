@@ -22,6 +22,15 @@ The mark lets an event through when its seq is above the mark, or equal to it
 with an event id not sent yet (an emotion and its alerts share a seq). Replays
 after a worker crash (exact repeats, possibly of older seqs) are therefore never
 sent twice, and each client sees each conversation in seq order.
+
+``subscribe all`` does the same for a whole tenant at once: `Session.begin_all_snapshot`
+buffers every live event the client may see (of any call: the set of calls is not
+known before the read), the server reads the tenant's index of calls in progress
+and their recent events (streaming/call_index.py), and `Session.finish_all_snapshot`
+queues the reply, one snapshot per call read, advances each call's mark, then
+queues the buffered events the marks let through. A call missing from the read
+(beyond the bound, or indexed after it) has no mark yet: its buffered and later
+events all go through, from the first one produced after the read began.
 """
 
 from __future__ import annotations
@@ -85,6 +94,7 @@ class Session:
         self.closed = False  # nothing more is queued (overflow, or a close was queued)
         self._on_overflow = on_overflow
         self._pending: dict[str, list[Envelope]] = {}
+        self._pending_all: list[Envelope] | None = None  # an all-calls snapshot is read
         self._marks: OrderedDict[str, _Mark] = OrderedDict()
 
     # -- queueing --------------------------------------------------------------
@@ -108,9 +118,11 @@ class Session:
     def _overflow(self) -> None:
         self.closed = True
         dropped = 1 + self.queue.qsize() + sum(len(b) for b in self._pending.values())
+        dropped += len(self._pending_all or ())
         while not self.queue.empty():
             self.queue.get_nowait()
         self._pending.clear()
+        self._pending_all = None
         self._on_overflow(self, dropped)
 
     # -- live events -----------------------------------------------------------
@@ -119,6 +131,8 @@ class Session:
         if self.closed or not self.claims.may_see(event.tenant, event.conversation_id):
             return
         buffer = self._pending.get(event.conversation_id)
+        if buffer is None:
+            buffer = self._pending_all
         if buffer is not None:
             buffer.append(event)
             if len(buffer) > self.queue.maxsize:  # Redis stalls: bound the memory
@@ -161,16 +175,7 @@ class Session:
             The number of events in the snapshot.
         """
         buffered = self._pending.pop(conversation_id, [])
-        events: list[Envelope] = []
-        for raw in list(stored)[-limit:]:
-            try:
-                event = read_event(raw)
-            except ValueError:
-                continue  # not ours to judge here; the worker wrote it
-            if event.conversation_id == conversation_id and self.claims.may_see(
-                event.tenant, conversation_id
-            ):
-                events.append(event)
+        events = self._visible(conversation_id, stored, limit)
         self._put(Outgoing(snapshot_message(conversation_id, events)))
         for event in events:
             self._advance(event)
@@ -184,6 +189,62 @@ class Session:
         for event in self._pending.pop(conversation_id, []):
             if self._advance(event):
                 self._put(Outgoing(event.text, True, event.emitted_at))
+
+    def begin_all_snapshot(self) -> None:
+        """Buffer every live event until `finish_all_snapshot` (or `abort_all_snapshot`)."""
+        if self._pending_all is None:
+            self._pending_all = []
+
+    def finish_all_snapshot(
+        self, reply: str, snapshots: Iterable[tuple[str, Iterable[bytes], bool]], limit: int
+    ) -> int:
+        """Queue the reply, a snapshot per call, then the buffered live events.
+
+        Args:
+            reply: the ``subscribed`` message, queued first.
+            snapshots: (conversation id, its stored events oldest first, ended) per call,
+                in the order to send them.
+            limit: the most events per snapshot (the newest ones).
+
+        Returns:
+            The number of snapshots queued.
+        """
+        buffered, self._pending_all = self._pending_all or [], None
+        self._put(Outgoing(reply))
+        sent = 0
+        for conversation_id, stored, ended in snapshots:
+            events = self._visible(conversation_id, stored, limit)
+            self._put(Outgoing(snapshot_message(conversation_id, events, ended=ended)))
+            for event in events:
+                self._advance(event)
+            sent += 1
+        for event in buffered:
+            if self._advance(event):
+                self._put(Outgoing(event.text, True, event.emitted_at))
+        return sent
+
+    def abort_all_snapshot(self) -> None:
+        """No all-calls snapshot after all: queue the buffered events the client is
+        still subscribed to (by id, or all of them when it had ``all`` before)."""
+        buffered, self._pending_all = self._pending_all or [], None
+        for event in buffered:
+            wanted = self.all_conversations or event.conversation_id in self.conversations
+            if wanted and self._advance(event):
+                self._put(Outgoing(event.text, True, event.emitted_at))
+
+    def _visible(self, conversation_id: str, stored: Iterable[bytes], limit: int) -> list[Envelope]:
+        """The stored events of one call this client may see, the newest ``limit``."""
+        events: list[Envelope] = []
+        for raw in list(stored)[-limit:]:
+            try:
+                event = read_event(raw)
+            except ValueError:
+                continue  # not ours to judge here; the worker wrote it
+            if event.conversation_id == conversation_id and self.claims.may_see(
+                event.tenant, conversation_id
+            ):
+                events.append(event)
+        return events
 
     def forget(self, conversation_id: str) -> None:
         """Drop a pending snapshot's buffer (the client unsubscribed)."""

@@ -10,11 +10,20 @@ is echoed in the reply so a client can match replies to requests)::
 
 Server -> client::
 
-    {"type": "subscribed",   "conversations": [...]}  or  {"type": "subscribed", "all": true}
+    {"type": "subscribed",   "conversations": [...]}
+    {"type": "subscribed",   "all": true, "active": 212, "snapshots": 200,
+     "truncated": true, "ended": 20}
     {"type": "unsubscribed", "conversations": [...]}  or  {"type": "unsubscribed", "all": true}
     {"type": "snapshot", "conversation_id": "...", "events": [<event>, ...]}
+    {"type": "snapshot", "conversation_id": "...", "ended": true, "events": [..., <summary>]}
     <event>                                   each output event's JSON as the worker produced it
     {"type": "error", "code": "...", "detail": "...", ["conversations": [...]]}
+
+A ``subscribe all`` reply is followed by ``snapshots`` snapshots of calls in
+progress (the most recently active first; ``active`` is how many there are, and
+``truncated`` says that some were left out: those appear when they next speak),
+then ``ended`` snapshots of the tenant's most recently ended calls (latest first,
+``"ended": true``, the summary last), then the live events.
 
 Events are forwarded byte for byte; the gateway reads only the few fields it
 routes on (`Envelope`), so a newer worker's extra fields pass through.
@@ -26,12 +35,13 @@ import json
 import re
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 from streaming.gateway.errors import ErrorCode, ProtocolError
 
 __all__ = [
     "MAX_CONVERSATIONS_PER_OP",
+    "AllCallsCounts",
     "Envelope",
     "Op",
     "acknowledgement",
@@ -61,6 +71,22 @@ class Op:
     conversations: tuple[str, ...] = ()
     all_conversations: bool = False
     request_id: str | int | None = None
+
+
+class AllCallsCounts(NamedTuple):
+    """What the snapshot of a ``subscribe all`` holds (its ``subscribed`` reply).
+
+    Attributes:
+        active: calls in progress in the tenant's index.
+        snapshots: snapshots of calls in progress that follow (the most recently active).
+        truncated: active > snapshots: the others appear when they next speak.
+        ended: snapshots of recently ended calls that follow them (latest first).
+    """
+
+    active: int
+    snapshots: int
+    truncated: bool
+    ended: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -179,11 +205,19 @@ def _dumps(obj: dict[str, Any]) -> str:
     return json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
 
 
-def acknowledgement(op: Op, conversations: tuple[str, ...] | None = None) -> str:
-    """The ``subscribed`` / ``unsubscribed`` reply to ``op`` (for ``conversations``)."""
+def acknowledgement(
+    op: Op,
+    conversations: tuple[str, ...] | None = None,
+    *,
+    calls: AllCallsCounts | None = None,
+) -> str:
+    """The ``subscribed`` / ``unsubscribed`` reply to ``op`` (for ``conversations``;
+    ``calls``: what a ``subscribe all`` snapshot holds)."""
     body: dict[str, Any] = {"type": f"{op.op}d"}
     if op.all_conversations:
         body["all"] = True
+        if calls is not None:
+            body.update(calls._asdict())
     else:
         body["conversations"] = list(op.conversations if conversations is None else conversations)
     if op.request_id is not None:
@@ -201,7 +235,11 @@ def error_message(error: ProtocolError, request_id: str | int | None = None) -> 
     return _dumps(body)
 
 
-def snapshot_message(conversation_id: str, events: list[Envelope]) -> str:
-    """A ``snapshot``: the events' JSON is spliced in as produced, not re-encoded."""
-    head = _dumps({"type": "snapshot", "conversation_id": conversation_id})[:-1]
+def snapshot_message(conversation_id: str, events: list[Envelope], *, ended: bool = False) -> str:
+    """A ``snapshot``: the events' JSON is spliced in as produced, not re-encoded;
+    ``ended`` marks an ended call's (an all-calls snapshot's recently ended calls)."""
+    head_fields: dict[str, Any] = {"type": "snapshot", "conversation_id": conversation_id}
+    if ended:
+        head_fields["ended"] = True
+    head = _dumps(head_fields)[:-1]
     return f'{head},"events":[{",".join(e.text for e in events)}]}}'

@@ -12,7 +12,9 @@ from the latest offset at start-up) feeds `Hub.publish`, which queues each event
 for the clients that want it without awaiting any of them; one sender task per
 client drains its queue. A client's subscribe reads the snapshot from Redis
 (`StateStore.events`) while its live events of those calls are buffered
-(hub.py explains why that leaves no gap and no duplicate). docs/gateway.md has
+(hub.py explains why that leaves no gap and no duplicate); ``subscribe all`` reads
+the tenant's calls in progress first (`streaming.call_index.CallIndex`), with all
+of the tenant's live events buffered meanwhile. docs/gateway.md has
 the protocol, the close codes and the operations side.
 """
 
@@ -34,12 +36,14 @@ from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
+from streaming.call_index import CallIndex, IndexView
 from streaming.faults import Backoff
 from streaming.gateway.auth import Claims, TokenSigner
 from streaming.gateway.errors import AuthError, ConfigError, ErrorCode, ProtocolError
 from streaming.gateway.hub import Hub, Session
 from streaming.gateway.metrics import GatewayMetrics
 from streaming.gateway.protocol import (
+    AllCallsCounts,
     Op,
     acknowledgement,
     error_message,
@@ -95,6 +99,11 @@ class Gateway:
         self.metrics = GatewayMetrics(lambda: len(self.hub.sessions), self.hub.counts)
         self.static = StaticFiles() if static_dir is None else StaticFiles(static_dir)
         self.snapshot_events = settings.snapshot_events or settings.recent_events
+        # Every snapshot of a `subscribe all` is queued at once: keep room in the queue
+        # for the live events that follow them.
+        room = max(settings.client_queue // 2, 1)
+        self.ended_calls = min(settings.recent_ended_calls, room // 4)
+        self.snapshot_calls = min(settings.gateway_snapshot_calls, room - self.ended_calls)
         self.port: int | None = None
         self._claims: weakref.WeakKeyDictionary[ServerConnection, Claims] = (
             weakref.WeakKeyDictionary()
@@ -102,6 +111,7 @@ class Gateway:
         self._connections: dict[Session, ServerConnection] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._store: StateStore | None = None
+        self._calls: CallIndex | None = None
         self._consumer: AIOKafkaConsumer | None = None
         self._consumer_task: asyncio.Task[None] | None = None
 
@@ -111,6 +121,12 @@ class Gateway:
         s = self.settings
         security = kafka_client_options(s)
         self._store = StateStore.from_settings(s)
+        self._calls = CallIndex(
+            self._store,
+            state_ttl_s=s.state_ttl_s,
+            ended_ttl_s=s.ended_ttl_s,
+            keep_ended=s.recent_ended_calls,
+        )
         consumer = self._consumer = AIOKafkaConsumer(
             s.output_topic,
             bootstrap_servers=s.bootstrap_servers(),
@@ -342,9 +358,7 @@ class Gateway:
         if op.all_conversations:
             if not claims.all_conversations:
                 raise ProtocolError(ErrorCode.FORBIDDEN, "this token does not grant all")
-            # No snapshot for "all": subscribe to a call by id for its recent events.
-            self.hub.subscribe_all(session)
-            session.send(acknowledgement(op))
+            await self._subscribe_all(session, op)
             return
         outside = tuple(c for c in op.conversations if not claims.covers(c))
         if outside:
@@ -375,6 +389,49 @@ class Gateway:
         for cid in op.conversations:
             session.finish_snapshot(cid, stored.get(cid, []), self.snapshot_events)
             self.metrics.snapshots.inc()
+
+    async def _subscribe_all(self, session: Session, op: Op) -> None:
+        """Snapshots of the tenant's calls in progress and recently ended, then live events."""
+        already = session.all_conversations
+        session.begin_all_snapshot()
+        self.hub.subscribe_all(session)
+        try:
+            view, stored = await asyncio.wait_for(
+                self._read_calls(session.claims.tenant), _SNAPSHOT_TIMEOUT_S
+            )
+        except Exception as exc:  # Redis down or slow: nothing is subscribed
+            self.metrics.redis_failures.inc()
+            log.warning("all-calls snapshot read failed: %r", exc)
+            if not already:
+                self.hub.unsubscribe_all(session)
+            session.abort_all_snapshot()
+            raise ProtocolError(
+                ErrorCode.UNAVAILABLE, "the calls in progress could not be read; try again"
+            ) from exc
+        if session.closed:
+            return
+        counts = AllCallsCounts(
+            active=max(view.active_total, len(view.active)),
+            snapshots=len(view.active),
+            truncated=view.truncated,
+            ended=len(view.ended),
+        )
+        snapshots = [(cid, stored.get(cid, []), False) for cid in view.active]
+        snapshots += [(cid, stored.get(cid, []), True) for cid in view.ended]
+        sent = session.finish_all_snapshot(
+            acknowledgement(op, calls=counts), snapshots, self.snapshot_events
+        )
+        self.metrics.snapshots.inc(sent)
+
+    async def _read_calls(self, tenant: str) -> tuple[IndexView, dict[str, list[bytes]]]:
+        """The tenant's index (bounded), then those calls' recent events: two round trips."""
+        assert self._calls is not None and self._store is not None
+        view = await self._calls.read(
+            tenant, max_active=self.snapshot_calls, max_ended=self.ended_calls
+        )
+        ids = [*view.active, *view.ended]
+        stored = await self._store.events(ids, last=self.snapshot_events) if ids else {}
+        return view, stored
 
     def _unsubscribe(self, session: Session, op: Op) -> None:
         if op.all_conversations:

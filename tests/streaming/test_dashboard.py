@@ -29,6 +29,7 @@ import redis.asyncio as aioredis
 from aiokafka import AIOKafkaProducer
 from browser import Chromium, Page, find_chromium
 
+from streaming.call_index import CallActivity, CallIndex
 from streaming.events import AlertEvent, EmotionEvent, Shift, SummaryEvent, dump_event
 from streaming.gateway import TokenSigner, serve_gateway
 from streaming.settings import Settings
@@ -48,7 +49,7 @@ T0 = datetime(2026, 11, 24, 10, 0, 0, tzinfo=UTC)
 
 def _keep_screenshot(shot: Path, folder: Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(shot, folder / "dashboard.png")
+    shutil.copyfile(shot, folder / shot.name)
 
 
 # ---------------------------------------------------------------- events
@@ -113,7 +114,27 @@ def alert(
     )
 
 
-Event = EmotionEvent | AlertEvent | SummaryEvent
+Event = EmotionEvent | AlertEvent | SummaryEvent | bytes  # bytes: an event's JSON as produced
+
+
+def with_fields(event: EmotionEvent | AlertEvent | SummaryEvent, **fields: Any) -> bytes:
+    """The event's JSON with fields added as a newer worker sends them (roles, sentiment,
+    evidence: issue 14's shape), whether or not streaming.events knows them yet."""
+    body = json.loads(dump_event(event))
+    body.update(fields)
+    return json.dumps(body, separators=(",", ":")).encode()
+
+
+def _raw(event: Event) -> bytes:
+    return event if isinstance(event, bytes) else dump_event(event)
+
+
+def _cid(event: Event) -> str:
+    return (
+        str(json.loads(event)["conversation_id"])
+        if isinstance(event, bytes)
+        else event.conversation_id
+    )
 
 
 def scripted_call(cid: str, script: list[tuple[str, str, float]]) -> list[EmotionEvent]:
@@ -151,8 +172,8 @@ class Publisher:
         events = list(events)
         async with self.redis.pipeline(transaction=False) as pipe:
             for ev in events:
-                key = self.store.events_key(ev.conversation_id)
-                pipe.rpush(key, dump_event(ev))
+                key = self.store.events_key(_cid(ev))
+                pipe.rpush(key, _raw(ev))
                 pipe.ltrim(key, -self.store.recent_events, -1)
             await pipe.execute()
         return events
@@ -161,9 +182,7 @@ class Publisher:
         async with asyncio.timeout(self.timeout_s):
             events = await self.persist(events) if persist else list(events)
             futures = [
-                await self.producer.send(
-                    self.topic, dump_event(ev), key=ev.conversation_id.encode("utf-8")
-                )
+                await self.producer.send(self.topic, _raw(ev), key=_cid(ev).encode("utf-8"))
                 for ev in events
             ]
             await self.producer.flush()
@@ -699,3 +718,217 @@ async def test_the_demo_moves_the_dashboard(
         code = await asyncio.wait_for(demo.wait(), scaled(30))
     await reader
     assert code in (0, 130), "".join(seen)[-3000:]
+
+
+# ---------------------------------------------------------------- calls in progress, roles, agents
+
+
+def feeling(cid: str, seq: int, role: str | None, label: str, sentiment: float | None) -> bytes:
+    """An emotion event of issue 14's shape: the speaker's role and the sentiment."""
+    speaker = role or ("agent" if seq % 2 == 0 else "customer")
+    fields: dict[str, Any] = {"role": role}
+    if sentiment is not None:
+        fields["sentiment"] = sentiment
+    return with_fields(emotion(cid, seq, speaker, label), **fields)
+
+
+async def index_calls(publisher: Publisher, active: list[str], ended: list[str]) -> None:
+    """What workers write after their commits: the tenant's calls in progress and ended."""
+    index = CallIndex(publisher.store, state_ttl_s=3600, ended_ttl_s=600, keep_ended=20)
+    now = time.time()
+    for i, cid in enumerate(active):  # the last one the most recently active
+        await index.record([CallActivity(cid, None)], now + i)
+    await index.record([CallActivity(cid, None, ended=True) for cid in ended], now)
+
+
+ORDER_JS = "[...document.querySelectorAll('#active li.call')].map((r) => r.dataset.id)"
+
+
+async def test_dashboard_opened_mid_shift_shows_calls_in_progress_roles_sentiment_risk(
+    chromium: Chromium,
+    stack: tuple[GatewayProcess, Publisher, str],
+    tmp_path: Path,
+    scaled: Callable[[float], float],
+) -> None:
+    gateway, publisher, token = stack
+    calm = [feeling("calm", s, r, "joy", 0.6) for s, r in enumerate(["agent", "customer"] * 3)]
+    sour = [feeling("sour", s, r, "sadness", -0.3) for s, r in enumerate(["agent", "customer"] * 3)]
+    angry = [
+        feeling("angry", 0, "agent", "neutral", 0.1),
+        feeling("angry", 1, "customer", "neutral", 0.0),
+        feeling("angry", 2, "agent", "neutral", 0.1),
+        feeling("angry", 3, "customer", "anger", -0.6),
+        feeling("angry", 4, "agent", "fear", -0.2),
+        feeling("angry", 5, "customer", "anger", -0.8),
+        with_fields(
+            alert("angry", 5, "customer", "negative_onset", "high", ("neutral", "anger"), 0.8),
+            role="customer",
+            evidence=[
+                {"seq": 3, "emotion": "anger", "probability": 0.7, "sentiment": -0.6},
+                {"seq": 5, "emotion": "anger", "probability": 0.7, "sentiment": -0.8},
+            ],
+        ),
+    ]
+    # a customer-only analysis policy: no agent events at all
+    customer_only = [feeling("cust-only", s, "customer", "neutral", -0.1) for s in (1, 3, 5)]
+    # an older producer: no role, no sentiment anywhere
+    legacy = [emotion("legacy", s, ("agent", "customer")[s % 2], "neutral") for s in range(4)]
+    done = [feeling("done", s, r, "neutral", -0.3) for s, r in enumerate(["agent", "customer"])]
+    figures = {
+        "utterances": 1, "sentiment_mean": -0.3, "sentiment_first_third": -0.3,
+        "sentiment_last_third": -0.3, "sentiment_trend": -0.25, "sentiment_min": -0.3,
+        "negative_share": 0.0, "shifts": 0, "alerts": 0,
+    }  # fmt: skip
+    done_summary = with_fields(
+        SummaryEvent(
+            conversation_id="done", seq=2, utterances=2,
+            speakers={"agent": {"neutral": 1}, "customer": {"neutral": 1}},
+            shifts=0, alerts=0, gaps=0, dominant={"customer": "neutral"}, model=MODEL,
+        ),
+        roles={"customer": figures, "agent": {**figures, "sentiment_mean": -0.3}},
+        by_speaker={"customer": {**figures, "role": "customer"}},
+    )  # fmt: skip
+    # Workers left all of this in Redis before the page opens; nothing is produced live.
+    await publisher.persist([*calm, *sour, *angry, *customer_only, *legacy, *done, done_summary])
+    await index_calls(publisher, ["calm", "sour", "angry", "cust-only", "legacy"], ["done"])
+
+    async with Page.open(chromium.ws_url) as page:
+        await open_dashboard(page, gateway.url(token), scaled(15))
+        # at once: the snapshot of "subscribe all" brought every call in progress
+        assert await page.evaluate("__cfnesa.allSnapshot") == {
+            "active": 5, "snapshots": 5, "truncated": False, "ended": 1,
+        }  # fmt: skip
+        assert await page.evaluate("__cfnesa.eventsLive") == 0
+        await page.evaluate(
+            "new Promise((ok) => requestAnimationFrame(() => requestAnimationFrame(ok)))"
+        )
+        rows = await page.evaluate(
+            """Object.fromEntries([...document.querySelectorAll('li.call')].map((r) => [
+                r.dataset.id, {
+                    ended: r.classList.contains('ended'),
+                    roles: [...r.querySelectorAll('.c-chips .role')].map((c) => c.textContent),
+                    chips: [...r.querySelectorAll('.c-chips .chip')].map((c) => c.textContent),
+                    points: (r.querySelector('.c-spark polyline')?.getAttribute('points') ?? '')
+                        .split(' ').filter(Boolean).length,
+                    label: r.querySelector('.c-spark svg')?.getAttribute('aria-label') ?? null,
+                    summary: ((s) => (s.hidden ? null : s.textContent))(
+                        r.querySelector('.c-summary')),
+                }]))"""
+        )
+        assert set(rows) == {"calm", "sour", "angry", "cust-only", "legacy", "done"}
+        assert rows["angry"]["roles"] == ["agent", "customer"]
+        assert rows["angry"]["chips"] == ["agent: fear", "customer: anger"]
+        assert rows["angry"]["points"] == 3  # the customer's three utterances, not the agent's
+        assert "customer sentiment −0.80" in rows["angry"]["label"]
+        assert "worsening" in rows["angry"]["label"]
+        assert rows["cust-only"]["roles"] == ["customer"] and rows["cust-only"]["points"] == 3
+        assert rows["legacy"]["roles"] == ["unknown", "unknown"] and rows["legacy"]["points"] == 0
+        assert rows["done"]["ended"] and "customer sentiment −0.30" in rows["done"]["summary"]
+        assert "trend −0.25" in rows["done"]["summary"]
+        # risk: the open high alert and the most negative customer first, the happy one last
+        order = await page.wait_for(f"(({ORDER_JS})[0] === 'angry') && {ORDER_JS}", scaled(5))
+        # risk: 2 + 0.9, 0.65, 0.55, 0.5 (no sentiment: neutral), 0.2
+        assert order == ["angry", "sour", "cust-only", "legacy", "calm"], order
+
+        # evidence on click: the alert lists the utterances that raised it, and marks them
+        await page.click('li.call[data-id="angry"]')
+        await page.wait_for(
+            "!!document.querySelector('#detail-alerts button.alert-open')", scaled(5)
+        )
+        await page.click("#detail-alerts button.alert-open")
+        evidence = await page.wait_for(
+            "document.querySelectorAll('#detail-alerts .evidence li').length === 2 && ({"
+            " items: [...document.querySelectorAll('#detail-alerts .evidence li')]"
+            "   .map((li) => li.textContent),"
+            " marked: [...document.querySelectorAll('#detail-utterances li.utt.evidence')]"
+            "   .map((li) => li.dataset.seq)})",
+            scaled(5),
+        )
+        assert evidence["marked"] == ["3", "5"]
+        assert "#3" in evidence["items"][0] and "anger 70%" in evidence["items"][0]
+        assert "sentiment −0.60" in evidence["items"][0]
+
+        # live: the calm call turns (an alert and a very negative customer): it goes first,
+        # and keeps the keyboard focus while its row moves
+        await page.evaluate("document.querySelector('li.call[data-id=\"calm\"]').focus()")
+        await publisher.publish(
+            [
+                feeling("calm", 6, "agent", "neutral", 0.0),
+                feeling("calm", 7, "customer", "anger", -0.9),
+                with_fields(
+                    alert("calm", 7, "customer", "negative_onset", "high"), role="customer"
+                ),
+            ]
+        )
+        order = await page.wait_for(f"(({ORDER_JS})[0] === 'calm') && {ORDER_JS}", scaled(10))
+        assert order[:2] == ["calm", "angry"]
+        assert await page.evaluate("document.activeElement.dataset.id") == "calm"
+        points = await page.evaluate(
+            "document.querySelector('li.call[data-id=\"calm\"] .c-spark polyline')"
+            ".getAttribute('points').split(' ').length"
+        )
+        assert points == 4
+        assert not [line for line in page.console if line.startswith("exception")], page.console
+        shot = await page.screenshot(tmp_path / "dashboard-risk.png")
+        assert shot.stat().st_size > 10_000
+        if SCREENSHOT_DIR:
+            await asyncio.to_thread(_keep_screenshot, shot, Path(SCREENSHOT_DIR))
+
+
+async def test_agent_view_opens_one_call_large_for_a_one_call_token(
+    chromium: Chromium,
+    stack: tuple[GatewayProcess, Publisher, str],
+    tmp_path: Path,
+    scaled: Callable[[float], float],
+) -> None:
+    gateway, publisher, _ = stack
+    script = [("agent", "joy", 0.5), ("customer", "neutral", 0.3), ("agent", "joy", 0.5),
+              ("customer", "sadness", -0.1), ("agent", "joy", 0.6), ("customer", "anger", -0.5),
+              ("agent", "joy", 0.6), ("customer", "anger", -0.7)]  # fmt: skip
+    events = [feeling("desk-7", s, r, label, v) for s, (r, label, v) in enumerate(script)]
+    await publisher.persist(events)
+    await publisher.persist([feeling("desk-8", 0, "customer", "fear", -0.4)])
+    await index_calls(publisher, ["desk-7", "desk-8"], [])
+    token = TokenSigner(SECRET).mint("default", ["desk-7"], ttl_s=600)
+    agent_js = """(() => {
+        const a = document.getElementById('agent');
+        return {
+            visible: !a.hidden && document.getElementById('main').hidden,
+            mode: document.body.classList.contains('agent-mode'),
+            call: document.getElementById('agent-call').textContent,
+            emotion: document.getElementById('agent-emotion').textContent,
+            sentiment: document.getElementById('agent-sentiment').textContent,
+            trend: document.getElementById('agent-trend').dataset.word,
+            points: (a.querySelector('svg.spark polyline')?.getAttribute('points') ?? '')
+                .split(' ').filter(Boolean).length,
+            text: a.textContent,
+            calls: [...__cfnesa.calls.keys()],
+        };
+    })()"""
+    async with Page.open(chromium.ws_url) as page:
+        await open_dashboard(page, gateway.url(token), scaled(15))
+        await page.wait_for(
+            "document.getElementById('agent-emotion').textContent.startsWith('anger')", scaled(10)
+        )
+        view = await page.evaluate(agent_js)
+        assert view["visible"] and view["mode"] and view["call"] == "desk-7"
+        assert view["emotion"] == "anger 70%"
+        assert view["sentiment"] == "−0.70 negative"
+        assert view["trend"] == "worsening" and view["points"] == 4
+        assert "joy" not in view["text"]  # the agent's emotions are not shown
+        assert view["calls"] == ["desk-7"]
+
+        await publisher.publish([feeling("desk-7", 8, "agent", "surprise", 0.2)])
+        await publisher.publish([feeling("desk-7", 9, "customer", "joy", 0.8)])
+        await publisher.publish([feeling("desk-8", 1, "customer", "anger", -0.9)])
+        await page.wait_for(
+            "document.getElementById('agent-emotion').textContent.startsWith('joy')", scaled(10)
+        )
+        view = await page.evaluate(agent_js)
+        assert view["sentiment"] == "+0.80 positive" and view["points"] == 5
+        assert "surprise" not in view["text"] and view["calls"] == ["desk-7"]
+        assert not [line for line in page.console if line.startswith("exception")], page.console
+        shot = await page.screenshot(tmp_path / "dashboard-agent.png")
+        assert shot.stat().st_size > 10_000
+        if SCREENSHOT_DIR:
+            await asyncio.to_thread(_keep_screenshot, shot, Path(SCREENSHOT_DIR))

@@ -19,8 +19,9 @@ from aiokafka import AIOKafkaProducer
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
+from streaming.call_index import CallActivity, CallIndex
 from streaming.embedded import EmbeddedKafka, EmbeddedRedis, EmbeddedRedisCluster
-from streaming.events import AlertEvent, EmotionEvent, dump_event
+from streaming.events import AlertEvent, EmotionEvent, SummaryEvent, dump_event
 from streaming.gateway import CLOSE_TOKEN_EXPIRED, CLOSE_TOO_SLOW, TokenSigner, serve_gateway
 from streaming.gateway.routes import STATIC_DIR
 from streaming.settings import Settings
@@ -213,6 +214,10 @@ async def test_auth_refuses_bad_tokens_and_takes_header_or_query(gateway: Gatewa
             assert await request(ws, op="subscribe", all=True) == {
                 "type": "subscribed",
                 "all": True,
+                "active": 0,  # nothing in this tenant's index of calls in progress
+                "snapshots": 0,
+                "truncated": False,
+                "ended": 0,
             }
         status, _ = await refused(f"ws://127.0.0.1:{gw.port}/other?token={good}")
         assert status == 404  # WebSocket only on /ws
@@ -369,6 +374,217 @@ async def test_snapshot_during_a_live_stream_joins_it_exactly(
             await store.close()
     assert seqs == list(range(seqs[0], total)), "a gap or a duplicate"
     assert seqs[0] > 0 and len(snapshot["events"]) < len(seqs)
+
+
+# ---------------------------------------------------------------- subscribe all: calls in progress
+
+
+def summary(cid: str, seq: int, tenant: str | None = None) -> bytes:
+    return dump_event(
+        SummaryEvent(
+            conversation_id=cid,
+            seq=seq,
+            tenant=tenant,
+            utterances=seq,
+            speakers={"customer": {"neutral": seq}},
+            shifts=0,
+            alerts=0,
+            gaps=0,
+            dominant={"customer": "neutral"},
+            model="test@0",
+        )
+    )
+
+
+class CallWriter:
+    """Writes calls the way a worker does: commit (state and events), index, produce."""
+
+    def __init__(self, gw: Gateway, redis_url: str, prefix: str, *, cluster: bool = False) -> None:
+        self.gw = gw
+        s = gw.settings
+        self.store = StateStore.connect(
+            redis_url, cluster=cluster, prefix=prefix, recent_events=s.recent_events
+        )
+        self.index = CallIndex(
+            self.store,
+            state_ttl_s=s.state_ttl_s,
+            ended_ttl_s=s.ended_ttl_s,
+            keep_ended=s.recent_ended_calls,
+        )
+        self.seqs: dict[str, int] = {}
+
+    async def write(self, events: list[bytes], *, produce: bool = True, now: float | None = None):
+        for raw in events:
+            ev = json.loads(raw)
+            cid, seq = ev["conversation_id"], ev["seq"]
+            before = self.seqs.get(cid)
+            (result,) = await self.store.commit([Commit(cid, before, seq, {}, [raw])])
+            assert result.ok, (cid, seq)
+            self.seqs[cid] = seq
+            ended = ev["type"] == "summary"
+            await self.index.record([CallActivity(cid, ev.get("tenant"), ended)], now)
+            if produce:
+                await self.gw.producer.send_and_wait(
+                    self.gw.settings.output_topic, raw, key=cid.encode()
+                )
+
+    async def close(self) -> None:
+        await self.store.close()
+
+
+async def until_seq(ws: ClientConnection, cid: str, seq: int) -> list[dict[str, Any]]:
+    got: list[dict[str, Any]] = []
+    while not got or (got[-1].get("conversation_id"), got[-1].get("seq")) != (cid, seq):
+        got.append(await recv(ws))
+    return got
+
+
+@pytest.fixture(params=["redis", "cluster"])
+def any_redis(request: pytest.FixtureRequest) -> tuple[str, bool]:
+    """(URL, cluster): the shared redis-server, then the shared Redis Cluster."""
+    cluster = request.param == "cluster"
+    return request.getfixturevalue("redis_cluster" if cluster else "redis_server").url, cluster
+
+
+async def test_subscribe_all_sends_calls_in_progress_and_ended_then_live(
+    gateway: GatewayFactory, any_redis: tuple[str, bool], unique: str
+):
+    url, cluster = any_redis
+    t0 = time.time()
+    async with gateway(redis_url=url, redis_cluster=cluster) as gw:
+        writer = CallWriter(gw, url, unique, cluster=cluster)
+        try:
+            # three calls in progress (a2 the most recently active), two ended ones,
+            # another tenant's call, all written before the client connects
+            for i, cid in enumerate(["a1", "a3", "a2"]):
+                events = [emotion(cid, s, "acme") for s in range(3 + i)]
+                await writer.write(events, produce=False, now=t0 + i)
+            for i, cid in enumerate(["e1", "e2"]):
+                events = [emotion(cid, 0, "acme"), emotion(cid, 1, "acme"), summary(cid, 2, "acme")]
+                await writer.write(events, produce=False, now=t0 + 10 + i)
+            await writer.write([emotion("g1", 0, "globex")], produce=False, now=t0)
+            async with connect(gw.url(gw.token("acme", all_conversations=True))) as ws:
+                reply = await request(ws, op="subscribe", all=True, id="all")
+                assert reply == {
+                    "type": "subscribed",
+                    "all": True,
+                    "id": "all",
+                    "active": 3,
+                    "snapshots": 3,
+                    "truncated": False,
+                    "ended": 2,
+                }
+                snaps = [await recv(ws) for _ in range(5)]
+                assert all(m["type"] == "snapshot" for m in snaps)
+                assert [m["conversation_id"] for m in snaps] == ["a2", "a3", "a1", "e2", "e1"]
+                assert [len(m["events"]) for m in snaps[:3]] == [5, 4, 3]
+                assert [m.get("ended", False) for m in snaps] == [False] * 3 + [True] * 2
+                for m in snaps[3:]:
+                    assert [e["type"] for e in m["events"]] == ["emotion", "emotion", "summary"]
+                assert all(e["tenant"] == "acme" for m in snaps for e in m["events"])
+                # live: replays of what the snapshots held are not sent again, a new call
+                # and the calls going on are; another tenant's never
+                await writer.write([emotion("a1", 3, "acme"), emotion("g1", 1, "globex")])
+                await gw.produce([emotion("a2", 4, "acme"), summary("e1", 2, "acme")])
+                await writer.write([emotion("a2", 5, "acme"), emotion("n1", 0, "acme")])
+                got = await until_seq(ws, "n1", 0)
+                assert [(e["conversation_id"], e["seq"]) for e in got] == [
+                    ("a1", 3),
+                    ("a2", 5),
+                    ("n1", 0),
+                ]
+        finally:
+            await writer.close()
+
+
+async def test_subscribe_all_during_live_streams_joins_each_call_exactly(
+    gateway: GatewayFactory, redis_server: EmbeddedRedis, unique: str
+):
+    """Writers commit, index and produce several calls, as workers do, while a client
+    subscribes to all: per call, snapshot + live is one run of seqs, nothing twice."""
+    cids, total = [f"live-{i}" for i in range(4)], 120
+    halfway, asked = asyncio.Event(), asyncio.Event()
+    async with gateway(recent_events=16) as gw:
+        writer = CallWriter(gw, redis_server.url, unique)
+
+        async def write() -> None:
+            for seq in range(total):
+                for cid in cids:
+                    if seq == 0 and cid == cids[-1]:
+                        continue  # the last call starts late: after the index read, maybe
+                    await writer.write([emotion(cid, seq, "acme")])
+                if seq == total // 3:
+                    halfway.set()
+                    await asked.wait()  # the rest races the all-calls read
+
+        try:
+            async with connect(gw.url(gw.token("acme", all_conversations=True))) as ws:
+                writing = asyncio.create_task(write())
+                await asyncio.wait_for(halfway.wait(), gw.timeout)
+                await ws.send(json.dumps({"op": "subscribe", "all": True}))
+                asked.set()
+                reply = await recv(ws)
+                assert reply["type"] == "subscribed" and reply["snapshots"] == 4
+                seqs: dict[str, list[int]] = {cid: [] for cid in cids}
+                for _ in range(reply["snapshots"] + reply["ended"]):
+                    snap = await recv(ws)
+                    assert snap["type"] == "snapshot" and 0 < len(snap["events"]) <= 16
+                    seqs[snap["conversation_id"]] = [e["seq"] for e in snap["events"]]
+                done = 0
+                while done < len(cids):
+                    ev = await recv(ws)
+                    seqs[ev["conversation_id"]].append(ev["seq"])
+                    done += ev["seq"] == total - 1
+                await writing
+        finally:
+            await writer.close()
+    for cid in cids:
+        got = seqs[cid]
+        assert got == list(range(got[0], total)), f"{cid}: a gap or a duplicate"
+        assert got[0] > 0
+
+
+async def test_subscribe_all_is_bounded_and_says_so(
+    gateway: GatewayFactory, redis_server: EmbeddedRedis, unique: str
+):
+    t0 = time.time()
+    async with gateway(gateway_snapshot_calls=2, recent_ended_calls=1) as gw:
+        writer = CallWriter(gw, redis_server.url, unique)
+        try:
+            for i in range(5):
+                await writer.write([emotion(f"b{i}", 0, "acme")], produce=False, now=t0 + i)
+            for i in range(2):
+                await writer.write([summary(f"x{i}", 0, "acme")], produce=False, now=t0 + i)
+            async with connect(gw.url(gw.token("acme", all_conversations=True))) as ws:
+                reply = await request(ws, op="subscribe", all=True)
+                assert (reply["active"], reply["snapshots"], reply["truncated"]) == (5, 2, True)
+                assert reply["ended"] == 1
+                snaps = [await recv(ws) for _ in range(3)]
+                assert [m["conversation_id"] for m in snaps] == ["b4", "b3", "x1"]
+                # a call left out appears with its next event
+                await writer.write([emotion("b0", 1, "acme")])
+                live = await recv(ws)
+                assert (live["conversation_id"], live["seq"]) == ("b0", 1)
+        finally:
+            await writer.close()
+
+
+async def test_subscribe_all_with_redis_down_subscribes_nothing(
+    gateway: GatewayFactory, private_redis: EmbeddedRedis
+):
+    async with (
+        gateway(redis_url=private_redis.url) as gw,
+        connect(gw.url(gw.token("acme", all_conversations=True))) as ws,
+    ):
+        private_redis.kill()
+        reply = await request(ws, op="subscribe", all=True, id=3)
+        assert (reply["type"], reply["code"], reply["id"]) == ("error", "unavailable", 3)
+        await gw.produce([emotion("c1", 0, "acme")])
+        # nothing was subscribed: the next message is this request's reply, then nothing
+        reply = await request(ws, op="unsubscribe", conversations=["c1"])
+        assert reply["type"] == "unsubscribed"
+        with pytest.raises(TimeoutError):
+            await recv(ws, 0.5)
 
 
 # ---------------------------------------------------------------- back-pressure

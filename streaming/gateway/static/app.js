@@ -6,14 +6,21 @@
  *   call's row (and the detail panel, the alert feed, the counters) in one batch.
  *
  * Gateway protocol (docs/gateway.md): ws://HOST/ws?token=...; we send
- *   {"op":"subscribe","all":true}; the server sends live events (emotion | alert |
- *   summary) and, for subscriptions by id, a snapshot of each call's recent events.
- * "all" brings no snapshot, so history comes from snapshots asked for by id:
- *   - a call first seen in the middle (its first event is not utterance 0),
- *   - every call still active after a reconnect (resume),
+ *   {"op":"subscribe","all":true}; the server replies with how many snapshots follow
+ *   (one per call in progress, up to its bound, then the recently ended calls), sends
+ *   them, then live events (emotion | alert | summary). The snapshots are applied in
+ *   one go, so a page opened mid-shift shows the calls in progress at once.
+ * Other history comes from snapshots asked for by id:
+ *   - a call first seen in the middle (its first event is not utterance 0), e.g. one
+ *     left out of the "all" snapshot by its bound,
+ *   - every call still active after a reconnect that the "all" snapshot did not cover,
  * and those id subscriptions are dropped again once the snapshot arrived (the "all"
  * subscription keeps the live events coming). Events are de-duplicated by event_id,
  * so snapshots that overlap what we already have are harmless.
+ *
+ * A token scoped to exactly one call (no "all", one id without wildcards) opens the
+ * agent view: that call alone, large, with the customer's current emotion, sentiment
+ * and trend, and no agent emotions. Roles, sentiment, trend and risk: sentiment.js.
  */
 'use strict';
 
@@ -42,6 +49,9 @@
     'anger', 'angry', 'frustrated', 'frustration', 'positive', 'negative',
   ]);
   const ROW_MARKS = [1, 50, 100, 200, 500, 1000];
+  const S = window.cfnesaSentiment;
+  const SPARK_POINTS = 40;   // caller-side sentiments drawn per row
+  const SENTIMENT_KEPT = 200;
 
   // ------------------------------------------------------------------ state
   /** @type {Map<string, object>} */
@@ -54,6 +64,8 @@
     connected: false,  // subscribed and receiving
     status: 'idle',
     rows: 0,
+    allSnapshot: null, // the last "subscribe all" reply: {active, snapshots, truncated, ended}
+    agentView: false,  // the token names one call: the agent view
     perf: { frames: 0, renderMsMax: 0, renderMsTotal: 0, longFrames: 0, longTasks: 0 },
     config: CONFIG,
   };
@@ -75,7 +87,8 @@
   let countersDirty = true;
   let filterText = '';
   let alertsOnly = false;
-  let sortMode = 'arrival';
+  let sortMode = 'risk';
+  let openAlertKey = null; // the detail panel's alert whose evidence is shown ("seq:rule")
   let ratePrev = 0;
   let rate = 0;
   const rowMarksDone = new Set();
@@ -87,7 +100,9 @@
     for (const id of ['status', 'status-text', 'n-active', 'n-ended', 'n-alerts', 'n-rate',
       'filter', 'alerts-only', 'sort', 'banner', 'legend', 'empty-active', 'active', 'ended',
       'max-ended', 'detail', 'detail-title', 'detail-close', 'detail-meta', 'detail-alerts',
-      'detail-count', 'detail-utterances', 'feed', 'empty-feed']) {
+      'detail-count', 'detail-utterances', 'feed', 'empty-feed', 'agent', 'agent-call',
+      'agent-state', 'agent-emotion', 'agent-sentiment', 'agent-trend', 'agent-spark',
+      'agent-alerts', 'main']) {
       el[id] = $(id);
     }
     el['max-ended'].textContent = String(CONFIG.maxEnded);
@@ -170,6 +185,11 @@
       ids: new Map(),        // event_id -> seq (de-duplication)
       utterances: [],        // sorted by seq, at most utterancesKept
       speakers: new Map(),   // speaker -> {emotion, confidence, seq}
+      roles: new Map(),      // speaker -> "customer" | "agent" | "other" | "unknown"
+      sentiment: [],         // caller-side {seq, s}, sorted by seq
+      caller: null,          // the caller side's latest {emotion, confidence, seq, sentiment, role}
+      risk: 0,
+      sparkDirty: false,
       alerts: [],            // sorted by seq
       alertCount: 0,
       maxSeverity: 0,
@@ -247,6 +267,8 @@
     const u = {
       seq: ev.seq,
       speaker: String(ev.speaker ?? '?'),
+      role: S.role(ev.role),
+      sentiment: typeof ev.sentiment === 'number' && Number.isFinite(ev.sentiment) ? ev.sentiment : null,
       emotion: String(ev.emotion ?? '?'),
       confidence: ev.confidence,
       probabilities: ev.probabilities && typeof ev.probabilities === 'object' ? ev.probabilities : {},
@@ -274,13 +296,39 @@
     const sp = call.speakers.get(u.speaker);
     if (!sp || u.seq >= sp.seq) {
       call.speakers.set(u.speaker, { emotion: u.emotion, confidence: u.confidence, seq: u.seq });
+      if (call.roles.get(u.speaker) !== u.role) call.roles.set(u.speaker, u.role);
       call.chipsDirty = true;
     }
+    if (S.callerSide(u.role)) applyCallerSide(call, u);
+    if (sortMode === 'risk') orderDirty = true; // open alerts age with every utterance
     if (u.seq >= call.maxSeq) {
       call.maxSeq = u.seq;
       call.lastShift = u.shiftSpeaker ?? u.shiftPrevious;
     }
     emoClass(u.emotion);
+  }
+
+  function applyCallerSide(call, u) {
+    if (!call.caller || u.seq >= call.caller.seq) {
+      call.caller = { emotion: u.emotion, confidence: u.confidence, seq: u.seq, sentiment: u.sentiment, role: u.role };
+    }
+    if (u.sentiment === null) return;
+    const points = call.sentiment;
+    let at = points.length;
+    while (at > 0 && points[at - 1].seq > u.seq) at--;
+    points.splice(at, 0, { seq: u.seq, s: u.sentiment });
+    if (points.length > SENTIMENT_KEPT) points.shift();
+    call.sparkDirty = true;
+    if (sortMode === 'risk') orderDirty = true;
+  }
+
+  function callerTrend(call) {
+    return S.trend(call.sentiment.map((p) => p.s));
+  }
+
+  function riskOf(call) {
+    const now = call.sentiment.length ? call.sentiment[call.sentiment.length - 1].s : null;
+    return S.risk(now, S.openAlerts(call.alerts, call.maxSeq, call.ended));
   }
 
   function pruneIds(call) {
@@ -300,6 +348,8 @@
       p_shift: ev.p_shift,
       detail: ev.detail || '',
       at: ev.emitted_at || ev.ts || '',
+      role: S.role(ev.role),
+      evidence: Array.isArray(ev.evidence) ? ev.evidence.filter((e) => e && typeof e.seq === 'number') : [],
     };
     const list = call.alerts;
     let at = list.length;
@@ -325,7 +375,7 @@
       feedDirty = true;
     }
     countersDirty = true;
-    if (sortMode === 'alerts') orderDirty = true;
+    if (sortMode === 'alerts' || sortMode === 'risk') orderDirty = true;
   }
 
   function applySummary(call, ev) {
@@ -337,6 +387,7 @@
       duration_s: ev.duration_s,
       dominant: ev.dominant && typeof ev.dominant === 'object' ? ev.dominant : {},
       speakers: ev.speakers && typeof ev.speakers === 'object' ? ev.speakers : {},
+      roles: ev.roles && typeof ev.roles === 'object' ? ev.roles : {},
     };
     if (!call.ended) {
       call.ended = true;
@@ -377,7 +428,10 @@
   function frame() {
     rafPending = false;
     const t0 = performance.now();
-    for (const call of dirty) renderCall(call);
+    for (const call of dirty) {
+      renderCall(call);
+      if (api.agentView && call.id === conn.named[0]) renderAgent(call);
+    }
     dirty.clear();
     if (orderDirty && t0 - lastSortAt >= CONFIG.sortEveryMs) {
       applyOrder();
@@ -415,6 +469,7 @@
     const state = h('span', 'state', 'live');
     id.append(name, state);
     const chips = h('div', 'c-chips');
+    const spark = h('div', 'c-spark');
     const timeline = h('div', 'c-timeline');
     timeline.setAttribute('aria-hidden', 'true'); // the chips and the detail panel say it in words
     const shift = h('div', 'c-shift');
@@ -424,9 +479,9 @@
     const alerts = h('div', 'c-alerts');
     const summary = h('div', 'c-summary');
     summary.hidden = true;
-    row.append(id, chips, timeline, shift, alerts, summary);
+    row.append(id, chips, spark, timeline, shift, alerts, summary);
     call.view = {
-      row, state, chips, timeline, shiftVal, alerts, summary,
+      row, state, chips, spark, timeline, shiftVal, alerts, summary,
       cells: [], cellSeqs: [], version: -1, ended: false, flashOdd: false, idle: false,
     };
     row.hidden = !visible(call);
@@ -463,12 +518,19 @@
       const chips = [];
       for (const spk of [...call.speakers.keys()].sort(speakerOrder)) {
         const s = call.speakers.get(spk);
+        chips.push(roleChip(spk, call.roles.get(spk)));
         const chip = h('span', `chip ${emoClass(s.emotion)}`);
         chip.append(h('span', 'spk', `${spk}:`), ` ${s.emotion}`);
         chip.title = `${spk}: ${s.emotion} (${pct(s.confidence)})`;
         chips.push(chip);
       }
       v.chips.replaceChildren(...chips);
+    }
+    if (call.sparkDirty) {
+      call.sparkDirty = false;
+      v.spark.replaceChildren(sparkOf(call, 96, 24));
+      const now = call.sentiment[call.sentiment.length - 1].s;
+      v.row.dataset.sentiment = now.toFixed(2);
     }
     renderTimeline(call);
     const shiftText = num2(call.lastShift);
@@ -495,6 +557,23 @@
       v.row.classList.remove(v.flashOdd ? 'flash-b' : 'flash-a');
       v.row.classList.add(v.flashOdd ? 'flash-a' : 'flash-b');
     }
+  }
+
+  function roleChip(speaker, role) {
+    const r = role || 'unknown';
+    const chip = h('span', `role role-${r}`, r);
+    chip.title = r === 'unknown' ? `${speaker}: role unknown (shown as the caller's side)` : `${speaker} is the ${r}`;
+    return chip;
+  }
+
+  function sparkOf(call, width, height) {
+    const values = call.sentiment.slice(-SPARK_POINTS).map((p) => p.s);
+    const t = S.trendWord(callerTrend(call));
+    const side = call.caller && call.caller.role === 'unknown' ? 'caller (role unknown)' : 'customer';
+    const label = values.length
+      ? `${side} sentiment ${S.signed(values[values.length - 1])}, ${t.word} ${t.arrow}`
+      : `no ${side} sentiment yet`;
+    return S.sparkline(values, width, height, label);
   }
 
   function makeCell(u) {
@@ -561,11 +640,19 @@
     const s = call.summary;
     const dominant = Object.keys(s.dominant).sort(speakerOrder)
       .map((spk) => `${spk}: ${s.dominant[spk]}`).join(', ');
+    const side = s.roles.customer ? 'customer' : s.roles.unknown ? 'unknown' : null;
+    const fig = side ? s.roles[side] : null;
+    const feel = fig && typeof fig.sentiment_mean === 'number'
+      ? `${side === 'unknown' ? 'caller (unknown)' : 'customer'} sentiment ${S.signed(fig.sentiment_mean)}`
+        + (typeof fig.sentiment_trend === 'number'
+          ? ` ${S.trendWord(fig.sentiment_trend).arrow} trend ${S.signed(fig.sentiment_trend)}` : '')
+      : null;
     return [
       plural(s.utterances ?? 0, 'utterance'),
       plural(s.shifts ?? 0, 'shift'),
       plural(s.alerts ?? 0, 'alert'),
       dominant ? `dominant ${dominant}` : null,
+      feel,
       `duration ${duration(s.duration_s)}`,
     ].filter(Boolean).join(' · ');
   }
@@ -588,6 +675,7 @@
   }
 
   function compareCalls(a, b) {
+    if (sortMode === 'risk') return b.risk - a.risk || a.arrival - b.arrival;
     if (sortMode === 'alerts') {
       return b.maxSeverity - a.maxSeverity || b.alertCount - a.alertCount || a.arrival - b.arrival;
     }
@@ -600,9 +688,16 @@
     orderDirty = false;
     lastSortAt = performance.now();
     const rows = [];
-    for (const call of calls.values()) if (call.view && !call.ended) rows.push(call);
+    for (const call of calls.values()) {
+      if (!call.view || call.ended) continue;
+      call.risk = riskOf(call);
+      call.view.row.dataset.risk = call.risk.toFixed(2);
+      rows.push(call);
+    }
     rows.sort(compareCalls);
     const list = el.active;
+    // Moving a node blurs it: a keyboard user keeps the row they are on.
+    const focused = list.contains(document.activeElement) ? document.activeElement : null;
     let node = list.firstElementChild;
     for (const call of rows) {
       const row = call.view.row;
@@ -612,6 +707,7 @@
         list.insertBefore(row, node); // only rows out of place move
       }
     }
+    if (focused && document.activeElement !== focused) focused.focus({ preventScroll: true });
   }
 
   function renderCounters() {
@@ -632,6 +728,7 @@
       const btn = h('button', 'link');
       btn.type = 'button';
       btn.dataset.id = cid;
+      btn.dataset.key = `${alert.seq}:${alert.rule}`;
       btn.append(h('span', `badge sev-${alert.severity}`, alert.severity),
         h('span', 'cid', cid), h('span', 'what', alertText(alert)),
         h('time', 'when', clock(alert.at)));
@@ -643,10 +740,11 @@
   }
 
   // ------------------------------------------------------------------ detail panel
-  const detailView = { cid: null, version: -1, seqs: [] };
+  const detailView = { cid: null, version: -1, seqs: [], scrollTo: false };
 
   function select(cid) {
     if (selectedId && calls.get(selectedId)?.view) markSelected(calls.get(selectedId).view.row, false);
+    if (cid !== selectedId) openAlertKey = null;
     selectedId = cid;
     detailView.cid = null;
     if (cid && calls.get(cid)?.view) markSelected(calls.get(cid).view.row, true);
@@ -666,8 +764,9 @@
     if (shifted) li.classList.add('shift');
     if (u.alerts.length) li.classList.add('alerted');
     const head = h('div', 'u-head');
-    head.append(h('span', 'seq', `#${u.seq}`), h('span', 'spk', u.speaker),
+    head.append(h('span', 'seq', `#${u.seq}`), h('span', 'spk', u.speaker), roleChip(u.speaker, u.role),
       h('span', `chip ${emoClass(u.emotion)}`, `${u.emotion} ${pct(u.confidence)}`));
+    if (u.sentiment !== null) head.append(h('span', 'sent', `sentiment ${S.signed(u.sentiment)}`));
     if (shifted) head.append(h('span', 'mark shiftmark', `▲ shift ${num2(u.shiftSpeaker)}`));
     if (u.gap) head.append(h('span', 'mark gapmark', 'gap before'));
     for (const a of u.alerts) head.append(h('span', `badge sev-${a.severity}`, a.rule.replace(/_/g, ' ')));
@@ -716,14 +815,34 @@
       chips.append(chip, ' ');
     }
     meta.push(chips);
+    if (call.sentiment.length) {
+      const t = S.trendWord(callerTrend(call));
+      const line = h('p', 'meta-line sentiment');
+      line.append(sparkOf(call, 160, 32),
+        ` caller sentiment ${S.signed(call.sentiment[call.sentiment.length - 1].s)} · ${t.word} ${t.arrow}`);
+      meta.push(line);
+    }
     if (call.summary) meta.push(h('p', 'meta-line summary', `Summary: ${summaryText(call)}`));
     el['detail-meta'].replaceChildren(...meta);
     // alerts, newest first
+    let evidenceSeqs = new Set();
     const alerts = call.alerts.slice().reverse().map((a) => {
       const li = h('li', `alert sev-${a.severity}`);
-      li.append(h('span', `badge sev-${a.severity}`, a.severity), h('span', 'seq', `#${a.seq}`),
+      const key = `${a.seq}:${a.rule}`;
+      const btn = h('button', 'alert-open');
+      btn.type = 'button';
+      btn.dataset.key = key;
+      btn.setAttribute('aria-expanded', String(openAlertKey === key));
+      btn.title = 'show the utterances that raised it';
+      btn.append(h('span', `badge sev-${a.severity}`, a.severity), h('span', 'seq', `#${a.seq}`),
         h('span', 'what', alertText(a)), h('time', 'when', clock(a.at)));
+      li.appendChild(btn);
       if (a.detail) li.title = a.detail;
+      if (openAlertKey === key) {
+        li.classList.add('open');
+        li.appendChild(evidenceList(a));
+        evidenceSeqs = new Set(a.evidence.length ? a.evidence.map((e) => e.seq) : [a.seq]);
+      }
       return li;
     });
     if (!alerts.length) alerts.push(h('li', 'none', 'none'));
@@ -763,6 +882,67 @@
       if (atBottom) list.scrollTop = list.scrollHeight;
     }
     el['detail-count'].textContent = `(${utt.length}${utt.length >= CONFIG.utterancesKept ? ', latest' : ''})`;
+    let first = null;
+    for (const item of list.children) {
+      const on = evidenceSeqs.has(Number(item.dataset.seq));
+      item.classList.toggle('evidence', on);
+      if (on && !first) first = item;
+    }
+    if (first && detailView.scrollTo) first.scrollIntoView({ block: 'nearest' });
+    detailView.scrollTo = false;
+  }
+
+  function evidenceList(a) {
+    const ol = h('ol', 'evidence');
+    ol.setAttribute('aria-label', 'evidence');
+    if (!a.evidence.length) {
+      ol.appendChild(h('li', 'none', `no evidence listed (the utterance #${a.seq} raised it)`));
+      return ol;
+    }
+    for (const e of a.evidence) {
+      const li = h('li', 'ev');
+      li.dataset.seq = String(e.seq);
+      li.append(h('span', 'seq', `#${e.seq}`),
+        h('span', `chip ${emoClass(String(e.emotion ?? '?'))}`, `${e.emotion ?? '?'} ${pct(e.probability)}`),
+        h('span', 'sent', `sentiment ${S.signed(e.sentiment)}`));
+      ol.appendChild(li);
+    }
+    return ol;
+  }
+
+  function openEvidence(key) {
+    openAlertKey = openAlertKey === key ? null : key;
+    detailView.scrollTo = openAlertKey !== null;
+    detailDirty = true;
+    schedule();
+  }
+
+  // ------------------------------------------------------------------ agent view
+  function renderAgent(call) {
+    const caller = call.caller;
+    const side = caller && caller.role === 'unknown' ? 'caller (role unknown)' : 'customer';
+    el['agent-state'].textContent = call.ended ? 'ended' : call.idle ? 'idle' : 'live';
+    el['agent-state'].className = `state-pill ${call.ended ? 'ended' : call.idle ? 'idle' : 'live'}`;
+    el.agent.querySelectorAll('.side-name').forEach((n) => { n.textContent = side; });
+    if (!caller) {
+      el['agent-emotion'].className = 'big';
+      el['agent-emotion'].textContent = `waiting for the ${side} to speak`;
+    } else {
+      el['agent-emotion'].className = `big chip ${emoClass(caller.emotion)}`;
+      el['agent-emotion'].textContent = `${caller.emotion} ${pct(caller.confidence)}`;
+    }
+    const now = call.sentiment.length ? call.sentiment[call.sentiment.length - 1].s : null;
+    el['agent-sentiment'].textContent = now === null ? '–' : `${S.signed(now)} ${S.sentimentWord(now)}`;
+    el['agent-sentiment'].dataset.value = now === null ? '' : now.toFixed(2);
+    const t = callerTrend(call);
+    const tw = S.trendWord(call.sentiment.length > 1 ? t : NaN);
+    el['agent-trend'].textContent = call.sentiment.length > 1 ? `${tw.arrow} ${tw.word} (${S.signed(t)})` : '–';
+    el['agent-trend'].dataset.word = tw.word;
+    el['agent-spark'].replaceChildren(sparkOf(call, 480, 96));
+    const open = S.openAlerts(call.alerts, call.maxSeq, call.ended);
+    el['agent-alerts'].textContent = open.length
+      ? `⚠ ${plural(open.length, 'open alert')}: ${alertText(open[open.length - 1])}` : '';
+    el['agent-alerts'].hidden = !open.length;
   }
 
   // ------------------------------------------------------------------ connection
@@ -780,6 +960,7 @@
     snapInflight: null, // {id, ids, remaining: Set, keep, sentAt}
     snapTimer: null,
     requestSeq: 0,
+    allSnap: null,      // {left, msgs}: the "all" snapshots still to come, gathered
   };
 
   function readToken() {
@@ -800,6 +981,11 @@
     const fromToken = conn.claims && Array.isArray(conn.claims.conversations)
       ? conn.claims.conversations.filter((p) => typeof p === 'string' && !/[*?[]/.test(p)) : [];
     conn.named = [...new Set([...named, ...fromToken])];
+    // A token for one call alone (an agent's): that call, large, and nothing else.
+    const c = conn.claims;
+    api.agentView = Boolean(c && c.all !== true && Array.isArray(c.conversations)
+      && c.conversations.length === 1 && fromToken.length === 1 && !named.length);
+    if (api.agentView) conn.named = fromToken;
   }
 
   function decodeClaims(token) {
@@ -869,6 +1055,10 @@
       opened = true;
       conn.openedAt = Date.now();
       setStatus('subscribing', 'subscribing…');
+      if (api.agentView) {
+        subscribeNamed();
+        return;
+      }
       // Always ask for "all": the gateway decides (a "forbidden" error falls back to named calls).
       send({ op: 'subscribe', all: true, id: 'all' });
     };
@@ -881,6 +1071,7 @@
       conn.mode = null;
       conn.snapInflight = null;
       conn.snapQueue.clear();
+      conn.allSnap = null;
       onClosed(ev, opened);
     };
   }
@@ -938,7 +1129,8 @@
 
   function goLive() {
     api.connected = true;
-    const scope = conn.mode === 'all' ? 'all calls' : plural(conn.named.length, 'call');
+    const scope = conn.mode === 'all' ? 'all calls'
+      : api.agentView ? `call ${conn.named[0]}` : plural(conn.named.length, 'call');
     const tenant = conn.claims && typeof conn.claims.tenant === 'string' ? ` · tenant ${conn.claims.tenant}` : '';
     setStatus('live', `live · ${scope}${tenant}`);
     if (!rowMarksDone.has('connected')) {
@@ -978,13 +1170,7 @@
         onSnapshot(msg);
         break;
       case 'subscribed':
-        if (msg.all) {
-          conn.mode = 'all';
-          goLive();
-          // Resume: every call still active may have missed events while we were away.
-          for (const call of calls.values()) if (!call.ended) requestSnapshot(call.id);
-          flushSnapshots();
-        }
+        if (msg.all) onSubscribedAll(msg);
         break;
       case 'error':
         onServerError(msg);
@@ -1052,7 +1238,59 @@
     if (!send({ op: 'subscribe', conversations: ids, id })) conn.snapInflight = null;
   }
 
+  function onSubscribedAll(msg) {
+    conn.mode = 'all';
+    const count = (n) => (typeof n === 'number' && n > 0 ? n : 0);
+    api.allSnapshot = {
+      active: count(msg.active), snapshots: count(msg.snapshots),
+      truncated: msg.truncated === true, ended: count(msg.ended),
+    };
+    const left = api.allSnapshot.snapshots + api.allSnapshot.ended;
+    if (left) {
+      conn.allSnap = { left, msgs: [] }; // applied together once all are in
+    } else {
+      afterAllSnapshot(new Set());
+    }
+    if (api.allSnapshot.truncated) {
+      banner(`Showing the ${api.allSnapshot.snapshots} most recently active of ${api.allSnapshot.active} `
+        + 'calls in progress; the others appear when they next speak.', 'warn', 'truncated');
+    } else if (el.banner.dataset.key === 'truncated') {
+      banner(null);
+    }
+  }
+
+  function applyAllSnapshot() {
+    const { msgs } = conn.allSnap;
+    conn.allSnap = null;
+    const covered = new Set();
+    // Calls in progress come most recently active first; ended ones latest first, so
+    // they are applied oldest first (each ended row goes on top of the list).
+    const live = msgs.filter((m) => m.ended !== true);
+    const ended = msgs.filter((m) => m.ended === true).reverse();
+    for (const m of [...live, ...ended]) {
+      covered.add(m.conversation_id);
+      if (Array.isArray(m.events)) for (const ev of m.events) applyEvent(ev, true);
+    }
+    afterAllSnapshot(covered);
+  }
+
+  function afterAllSnapshot(covered) {
+    goLive();
+    if (!rowMarksDone.has('all-snapshot')) {
+      rowMarksDone.add('all-snapshot');
+      performance.mark('cfnesa:all-snapshot');
+    }
+    // Resume: a call still active that the snapshot did not cover may have missed events.
+    for (const call of calls.values()) if (!call.ended && !covered.has(call.id)) requestSnapshot(call.id);
+    flushSnapshots();
+  }
+
   function onSnapshot(msg) {
+    if (conn.allSnap) {
+      conn.allSnap.msgs.push(msg);
+      if (--conn.allSnap.left === 0) applyAllSnapshot();
+      return;
+    }
     const cid = msg.conversation_id;
     if (Array.isArray(msg.events)) {
       for (const ev of msg.events) applyEvent(ev, true);
@@ -1130,8 +1368,14 @@
       if (!btn) return;
       const id = btn.dataset.id;
       select(id);
+      openAlertKey = null;
+      openEvidence(btn.dataset.key); // the feed's alert opens with its evidence
       const call = calls.get(id);
       if (call && call.view) call.view.row.scrollIntoView({ block: 'nearest' });
+    });
+    el['detail-alerts'].addEventListener('click', (e) => {
+      const btn = e.target.closest('button.alert-open');
+      if (btn) openEvidence(btn.dataset.key);
     });
     el['detail-close'].addEventListener('click', () => {
       const id = selectedId;
@@ -1172,6 +1416,12 @@
     bindInput();
     observeLongTasks();
     readToken();
+    if (api.agentView) {
+      document.body.classList.add('agent-mode');
+      el.main.hidden = true;
+      el.agent.hidden = false;
+      el['agent-call'].textContent = conn.named[0];
+    }
     setInterval(tick, 1000);
     if (!conn.token) {
       stop('No token: open this page as /?token=… (mint one with: cfnesa token --tenant TENANT --all).');
