@@ -692,6 +692,10 @@ async def test_the_demo_moves_the_dashboard(
             await page.wait_for(f"{cells} >= 2", scaled(90))
             first = await page.evaluate(cells)
             await page.wait_for(f"{cells} > {first} + 2", scaled(30))  # it moves
+            # the replay loops: between one round's ends and the next round's first
+            # emotions every listed call may have ended for a moment
+            active_js = "document.querySelectorAll('li.call:not(.ended)').length"
+            await page.wait_for(f"{active_js} >= 1", scaled(30))
             rows = await page.evaluate(ROWS_JS)
             # 3 calls at a time; ended ones stay listed (how many depends on the machine's pace)
             active = [r for r in rows if not r["ended"]]
