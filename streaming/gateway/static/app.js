@@ -518,11 +518,13 @@
       const chips = [];
       for (const spk of [...call.speakers.keys()].sort(speakerOrder)) {
         const s = call.speakers.get(spk);
-        chips.push(roleChip(spk, call.roles.get(spk)));
         const chip = h('span', `chip ${emoClass(s.emotion)}`);
         chip.append(h('span', 'spk', `${spk}:`), ` ${s.emotion}`);
         chip.title = `${spk}: ${s.emotion} (${pct(s.confidence)})`;
-        chips.push(chip);
+        // a speaker's role and emotion stay together when the chips wrap
+        const group = h('span', 'spk-group');
+        group.append(roleChip(spk, call.roles.get(spk)), chip);
+        chips.push(group);
       }
       v.chips.replaceChildren(...chips);
     }
