@@ -115,9 +115,10 @@ class Session:
         except asyncio.QueueFull:
             self._overflow()
 
-    def _overflow(self) -> None:
+    def _overflow(self, unqueued: int = 1) -> None:
+        """Close the session; ``unqueued``: messages lost that are in no queue or buffer."""
         self.closed = True
-        dropped = 1 + self.queue.qsize() + sum(len(b) for b in self._pending.values())
+        dropped = unqueued + self.queue.qsize() + sum(len(b) for b in self._pending.values())
         dropped += len(self._pending_all or ())
         while not self.queue.empty():
             self.queue.get_nowait()
@@ -136,7 +137,7 @@ class Session:
         if buffer is not None:
             buffer.append(event)
             if len(buffer) > self.queue.maxsize:  # Redis stalls: bound the memory
-                self._overflow()
+                self._overflow(unqueued=0)  # the event is in the buffer, counted there
             return
         if self._advance(event):
             self._put(Outgoing(event.text, True, event.emitted_at))

@@ -108,6 +108,15 @@ def test_the_buffer_is_bounded_by_the_queue():
     for seq in range(6):
         hub.publish(envelope(event("a", seq)))
     assert session.closed and len(overflows) == 1  # closed once, the buffer dropped
+    assert overflows == [6]  # the six buffered events, each counted once
+
+
+def test_a_full_queue_counts_the_refused_message_and_the_queued_ones():
+    hub, session, overflows = new_session(queue=3)
+    hub.subscribe_all(session)
+    for seq in range(4):
+        hub.publish(envelope(event("a", seq)))
+    assert session.closed and overflows == [4]  # three queued and the one refused
 
 
 def test_random_interleavings_never_gap_or_repeat():
