@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import socket
 import time
 from collections.abc import AsyncIterator, Callable
@@ -716,6 +717,22 @@ async def test_http_health_and_metrics(gateway: GatewayFactory):
         assert status == 200 and headers["content-type"] == "text/html; charset=utf-8"
         assert body == (STATIC_DIR / "index.html").read_bytes()
         assert "default-src 'self'" in headers["content-security-policy"]
+        # every script the page loads, and every module those import, is served as JavaScript
+        # (a browser refuses a module script of any other type)
+        scripts = set(re.findall(r'<script[^>]* src="([^"]+)"', body.decode()))
+        assert {"sentiment.js", "app.js"} <= scripts
+        pending, served = sorted(scripts), set()
+        while pending:
+            name = pending.pop()
+            if name in served:
+                continue
+            served.add(name)
+            status, headers, got = await gw.http(f"/{name}")
+            assert status == 200, name
+            assert headers["content-type"] == "text/javascript; charset=utf-8", name
+            assert got == (STATIC_DIR / name).read_bytes(), name
+            pending += re.findall(r"^import [^;]*? from '\./([\w-]+\.js)';", got.decode(), re.M)
+        assert served == {p.name for p in STATIC_DIR.glob("*.js")}  # none unused, none missing
 
 
 async def test_static_files_stay_inside_their_folder(gateway: GatewayFactory, tmp_path: Path):

@@ -1,5 +1,6 @@
 /* cfnesa dashboard: roles, the customer's sentiment and a call's risk. Plain functions
- * (no state of their own), loaded before app.js, which uses them as window.cfnesaSentiment.
+ * (no state of their own), a plain script loaded before the dashboard's modules (app.js and
+ * the files it imports), which use them as window.cfnesaSentiment.
  *
  * Definitions (docs/gateway.md, "The dashboard"):
  * - role: an emotion event's "role" ("agent" | "customer" | "other"); null or absent is
