@@ -202,6 +202,7 @@ class Worker:
             on_outage=lambda service: self.metrics.outages.labels(service).inc(),
             on_point=self.faults.reach,
             on_commit_refused=self.metrics.commit_failures.inc,
+            on_timing=self.metrics.timing,
         )
         if not await core.start_clients(stop):
             return False
@@ -255,11 +256,16 @@ class Worker:
 
     async def process(self, records: Sequence[ConsumerRecord]) -> list[Message]:
         """One batch, from validation to persisted state: its output messages."""
+        started = time.perf_counter()
         batch = intake(records, self.expect)
         for kind in batch.types:
             self.metrics.events_in.labels(kind).inc()
+        self.metrics.timing("validate", time.perf_counter() - started)
         done = await self._persisted(batch)
-        return await self._outputs(batch, done)
+        started = time.perf_counter()
+        out = await self._outputs(batch, done)
+        self.metrics.timing("outputs", time.perf_counter() - started)
+        return out
 
     async def _persisted(self, batch: Intake) -> dict[str, tuple[Step, Outcome]]:
         """Plan, step and persist every conversation; conflicting ones are reloaded and
@@ -269,11 +275,15 @@ class Worker:
         for _round in range(CONFLICT_ROUNDS):
             if not pending:
                 return done
+            started = time.perf_counter()
             convs = await self.conversations.load({c: batch.partitions[c] for c in pending})
             steps = [plan(c, convs[c], batch.partitions[c], items) for c, items in pending.items()]
+            self.metrics.timing("load", time.perf_counter() - started)
             outcomes = await self._step(steps)
             commits = [o.commit for o in outcomes if o.commit is not None]
+            started = time.perf_counter()
             results = await self.store.commit(commits)
+            self.metrics.timing("persist", time.perf_counter() - started)
             self.metrics.redis_bytes.inc(sum(c.size for c in commits))
             refused = {c.conversation_id for c, r in zip(commits, results, strict=True) if not r.ok}
             self.faults.reach("after_persist")
@@ -368,10 +378,14 @@ class Worker:
                         )
                         p.chunk = []
             self.metrics.step_seconds.observe(time.perf_counter() - started)
+            self.metrics.timing("step", time.perf_counter() - started)
             self.metrics.batch_size.observe(sum(len(c) for c in chunks))
             self.faults.reach("after_step")
             self.processed += sum(len(o) for o, _ in results.values())
-        return [self.mapper.outcome(p, results.get(p.cid)) for p in steps]
+        started = time.perf_counter()
+        outcomes = [self.mapper.outcome(p, results.get(p.cid)) for p in steps]
+        self.metrics.timing("events", time.perf_counter() - started)
+        return outcomes
 
     # ------------------------------------------------------------- offsets
 
