@@ -106,14 +106,6 @@ TORCH_THREADS_TRIAL = (
     "55-61 ms with 1 thread vs 67-76 ms with torch's default (2); capacity with no "
     "latency bound ~1280/s vs 1400-1650/s"
 )
-TOPICS = {
-    "bench-features": PARTITIONS,
-    "bench-events": PARTITIONS,
-    "bench-features.dlq": 1,
-    "echo-in": PARTITIONS,
-    "echo-out": PARTITIONS,
-    "echo-in.dlq": 1,
-}
 _CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 
@@ -608,42 +600,50 @@ def pair(rate: float, pipe: Step, echo: Step) -> dict[str, Any]:
     }
 
 
-async def run(
-    services: Services,
-    worker: subprocess.Popen[bytes],
-    port: int,
-    echo_proc: subprocess.Popen[bytes],
-    args: Any,
-) -> dict[str, Any]:
+async def run(services: Services, procs: dict[str, tuple[Any, int | None]], args: Any) -> dict:
+    """The interleaved steps, the echo's ladder, capacities and Redis figures, over the
+    stages ``procs`` (name -> (process, metrics port)): "pipeline", "echo" and any
+    ``--variant`` (pipeline-NAME)."""
     producer = AIOKafkaProducer(
         bootstrap_servers=services.bootstrap, linger_ms=2, max_batch_size=65_536
     )
     await producer.start()
-    pipe = Stage(
-        "pipeline", worker, port, ("bench-features", "bench-events"), producer, services, args
-    )
-    echo = Stage("echo", echo_proc, None, ("echo-in", "echo-out"), producer, services, args)
+    stages = [
+        Stage(name, proc, port, stage_topics(name), producer, services, args)
+        for name, (proc, port) in procs.items()
+    ]
+    by_name = {s.name: s for s in stages}
+    pipe, echo = by_name["pipeline"], by_name["echo"]
+    variants = [s for s in stages if s.name.startswith("pipeline-")]
     assert services.redis is not None
     rds = redis.Redis.from_url(services.redis.url)
     notes: list[str] = []
     rates: list[dict[str, Any]] = []
     echo_ladder: list[dict[str, Any]] = []
+
+    async def interleaved(rate: float, turn: int) -> None:
+        # rotate the order from rate to rate, so that no stage always goes first
+        order = stages[turn % len(stages) :] + stages[: turn % len(stages)]
+        got = {s.name: await measured(s, rate, notes) for s in order}
+        entry = pair(rate, got["pipeline"], got["echo"])
+        if variants:
+            entry["variants"] = {v.name: pair(rate, got[v.name], got["echo"]) for v in variants}
+        rates.append(entry)
+
     try:
         t0 = time.monotonic()
-        for stage in (pipe, echo):
+        for stage in stages:
             await stage.ready()
             # seq 0 of every call: the stage joins the group and loads its partitions
             await stage.unmeasured(args.calls, 500, within_s=120)
             await stage.unmeasured(int(RATES[0] * args.warmup_s), RATES[0], within_s=60)
             if not await stage.drain():
                 raise RuntimeError(f"{stage.name}: warm-up events missing")
-        print(f"both stages ready and warm after {time.monotonic() - t0:.1f} s", flush=True)
+        print(f"all stages ready and warm after {time.monotonic() - t0:.1f} s", flush=True)
         marks = [await mark(pipe, rds)]
         for i, rate in enumerate(args.rates):
-            order = (pipe, echo) if i % 2 == 0 else (echo, pipe)
-            got = {s.name: await measured(s, rate, notes) for s in order}
-            rates.append(pair(rate, got["pipeline"], got["echo"]))
-        # the echo alone up the ladder, then the pipeline at the highest it sustains
+            await interleaved(rate, i)
+        # the echo alone up the ladder, then every stage at the highest it sustains
         best: float | None = None
         for rate in (r for r in ECHO_LADDER if r > max(args.rates)):
             if args.no_ladder:
@@ -654,13 +654,12 @@ async def run(
                 break
             best = rate
         if best is not None:
-            got = {s.name: await measured(s, best, notes) for s in (pipe, echo)}
-            rates.append(pair(best, got["pipeline"], got["echo"]))
+            await interleaved(best, len(args.rates))
         await pipe.drain()
         marks.append(await mark(pipe, rds))
         parts = await redis_parts(rds, "bench-pipeline", pipe.calls)
         capacity = {}
-        for stage in (pipe, echo):
+        for stage in stages:
             probe = await stage.capacity(500)
             size = int(min(max(args.capacity_s * (probe["per_s"] or 0), 200), 30_000))
             capacity[stage.name] = await stage.capacity(size)
@@ -672,8 +671,8 @@ async def run(
             )
             await stage.drain()
     finally:
-        await pipe.close()
-        await echo.close()
+        for stage in stages:
+            await stage.close()
         await producer.stop()
         rds.close()
     return {
@@ -683,12 +682,24 @@ async def run(
         "capacity_no_latency_bound": capacity,
         "redis": {**redis_traffic(marks[0], marks[1]), "stored_call": parts},
         "model": pipe.receiver.model,
-        "utterances_sent": {"pipeline": len(pipe.sent), "echo": len(echo.sent)},
+        "utterances_sent": {s.name: len(s.sent) for s in stages},
+        "variants": {v.name: dict(args.variants[v.name]) for v in variants},
         "notes": notes,
     }
 
 
-def stage_env(services: Services, args: Any, **topics: str) -> dict[str, str]:
+def stage_topics(name: str) -> tuple[str, str]:
+    """A stage's input and output topics (the pipeline keeps its historical names)."""
+    if name == "pipeline":
+        return "bench-features", "bench-events"
+    if name == "echo":
+        return "echo-in", "echo-out"
+    return f"bench-{name}-features", f"bench-{name}-events"
+
+
+def stage_env(
+    services: Services, args: Any, extra: dict[str, str] | None = None, **topics: str
+) -> dict[str, str]:
     env = dict(os.environ)
     env.update(
         {
@@ -702,40 +713,62 @@ def stage_env(services: Services, args: Any, **topics: str) -> dict[str, str]:
         }
     )
     env.update(dict(args.worker_env))
+    env.update(extra or {})
     env.update(topics)
     return env
 
 
 def measure(args: Any, logs: Path) -> dict[str, Any]:
-    """Both stages on one set of services. Services and processes start on the main
+    """Every stage on one set of services. Services and processes start on the main
     thread (their PR_SET_PDEATHSIG is tied to the thread that forks)."""
-    with Services(log_dir=logs, topics=TOPICS) as services:
-        port = free_port()
-        worker_env = stage_env(
-            services,
-            args,
-            CFNESA_INPUT_TOPIC="bench-features",
-            CFNESA_OUTPUT_TOPIC="bench-events",
-            CFNESA_DLQ_TOPIC="bench-features.dlq",
-            CFNESA_GROUP_ID="bench-pipeline",
-            CFNESA_KEY_PREFIX="bench-pipeline",
-            CFNESA_METRICS_PORT=str(port),
-        )
-        echo_env = stage_env(
-            services,
-            args,
-            CFNESA_INPUT_TOPIC="echo-in",
-            CFNESA_OUTPUT_TOPIC="echo-out",
-            CFNESA_DLQ_TOPIC="echo-in.dlq",
-            CFNESA_GROUP_ID="bench-echo",
-            CFNESA_METRICS_PORT="0",
-        )
-        worker = spawn(["worker"], worker_env, logs / "worker.log")
-        echo_proc = spawn_echo(echo_env, logs / "echo.log")
+    names = ["pipeline", "echo", *args.variants]
+    topics = {"echo-in.dlq": 1}
+    for name in names:
+        for t in stage_topics(name):
+            topics[t] = PARTITIONS
+        if name != "echo":
+            topics[f"{stage_topics(name)[0]}.dlq"] = 1
+    with Services(log_dir=logs, topics=topics) as services:
+        procs: dict[str, tuple[Any, int | None]] = {}
         try:
-            return asyncio.run(run(services, worker, port, echo_proc, args))
+            for name in names:
+                source, sink = stage_topics(name)
+                if name == "echo":
+                    env = stage_env(
+                        services,
+                        args,
+                        CFNESA_INPUT_TOPIC=source,
+                        CFNESA_OUTPUT_TOPIC=sink,
+                        CFNESA_DLQ_TOPIC="echo-in.dlq",
+                        CFNESA_GROUP_ID="bench-echo",
+                        CFNESA_METRICS_PORT="0",
+                    )
+                    procs[name] = (spawn_echo(env, logs / "echo.log"), None)
+                    continue
+                port = free_port()
+                env = stage_env(
+                    services,
+                    args,
+                    args.variants.get(name),
+                    CFNESA_INPUT_TOPIC=source,
+                    CFNESA_OUTPUT_TOPIC=sink,
+                    CFNESA_DLQ_TOPIC=f"{source}.dlq",
+                    CFNESA_GROUP_ID=f"bench-{name}",
+                    CFNESA_KEY_PREFIX=f"bench-{name}",
+                    CFNESA_METRICS_PORT=str(port),
+                )
+                procs[name] = (spawn(["worker"], env, logs / f"{name}.log"), port)
+            return asyncio.run(run(services, procs, args))
         finally:
-            stop([worker, echo_proc])
+            stop([p for p, _ in procs.values()])
+
+
+def variant(text: str) -> tuple[str, dict[str, str]]:
+    """``NAME:CFNESA_X=V[,CFNESA_Y=W]`` -> ("pipeline-NAME", settings)."""
+    name, colon, rest = text.partition(":")
+    if not colon or not name.isidentifier():
+        raise argparse.ArgumentTypeError(f"expected NAME:CFNESA_X=V[,...], got {text!r}")
+    return f"pipeline-{name}", dict(env_pair(item) for item in rest.split(",") if item)
 
 
 def env_pair(text: str) -> tuple[str, str]:
@@ -798,8 +831,18 @@ def main() -> int:
         metavar="CFNESA_X=VALUE",
         help="extra setting for the worker and the echo (repeatable)",
     )
+    parser.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        type=variant,
+        metavar="NAME:CFNESA_X=V[,...]",
+        help="one more worker, pipeline-NAME, with these settings, interleaved with the "
+        "others at every rate (a lever measured against the defaults in the same run)",
+    )
     parser.add_argument("--no-write", action="store_true", help="print only, write no JSON")
     args = parser.parse_args()
+    args.variants = dict(args.variant)
     args.rates = [float(r) for r in args.rates.split(",") if r.strip()]
     args.step_s = args.step_s or (4.0 if args.quick else 10.0)
     args.step_warmup_s = 0.5 if args.quick else 1.0
@@ -830,13 +873,14 @@ def main() -> int:
         f"{'p50 x':>8s}{'p99 x':>8s}{'pipe cpu/utt':>14s}{'echo cpu/utt':>14s}"
     )
     for r in result["rates"]:
-        print(
-            f"{r['offered']:>10g}{r['pipeline_p50_ms']:>10g}{r['pipeline_p99_ms']:>10g}"
-            f"{r['echo_p50_ms']:>10g}{r['echo_p99_ms']:>10g}{r['p50_ratio'] or math.nan:>8.2f}"
-            f"{r['p99_ratio'] or math.nan:>8.2f}"
-            f"{r['pipeline_cpu_ms_per_utterance'] or math.nan:>12.3f}ms"
-            f"{r['echo_cpu_ms_per_utterance'] or math.nan:>12.3f}ms"
-        )
+        for label, row in [("", r), *((f" {k}", v) for k, v in r.get("variants", {}).items())]:
+            print(
+                f"{row['offered']:>10g}{row['pipeline_p50_ms']:>10g}{row['pipeline_p99_ms']:>10g}"
+                f"{row['echo_p50_ms']:>10g}{row['echo_p99_ms']:>10g}"
+                f"{row['p50_ratio'] or math.nan:>8.2f}{row['p99_ratio'] or math.nan:>8.2f}"
+                f"{row['pipeline_cpu_ms_per_utterance'] or math.nan:>12.3f}ms"
+                f"{row['echo_cpu_ms_per_utterance'] or math.nan:>12.3f}ms{label}"
+            )
     at = next((r for r in result["rates"] if r["offered"] == CPU_RATE), None)
     if at and at["breakdown_ms_per_utterance"]:
         print(f"\nwhere the worker's time goes at {CPU_RATE}/s (ms per batch / per utterance):")

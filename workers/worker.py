@@ -33,7 +33,7 @@ import logging
 import os
 import signal
 import time
-from collections import defaultdict
+from collections import defaultdict, deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -142,7 +142,8 @@ class Worker:
         self._core: StreamCore | None = None
         self._ops: asyncio.Server | None = None
         self.processed = 0  # utterances stepped by this process
-        self._outgoing: list[str] = []  # types of the batch's output messages
+        # types of each processed batch's output messages, until produced (in order)
+        self._outgoing: deque[list[str]] = deque()
 
     @property
     def cache(self) -> Any:
@@ -203,6 +204,7 @@ class Worker:
             on_point=self.faults.reach,
             on_commit_refused=self.metrics.commit_failures.inc,
             on_timing=self.metrics.timing,
+            overlap=s.overlap_batches,
         )
         if not await core.start_clients(stop):
             return False
@@ -253,6 +255,7 @@ class Worker:
             self.metrics.batch_seconds.observe(time.monotonic() - started)
             self.metrics.last_batch.set(time.time())
             await self._update_lag()
+        await core.settle()  # the batch whose produce and commit are in flight
 
     async def process(self, records: Sequence[ConsumerRecord]) -> list[Message]:
         """One batch, from validation to persisted state: its output messages."""
@@ -327,16 +330,15 @@ class Worker:
         for rec, error in dead:
             m.dead_letters.labels(error.reason.value).inc()
             out.append(_dead_letter(rec, error, s.dlq_topic))
-        self._outgoing = [
-            "dead_letter" if msg.topic == s.dlq_topic else event_type(msg.value) for msg in out
-        ]
+        self._outgoing.append(
+            ["dead_letter" if msg.topic == s.dlq_topic else event_type(msg.value) for msg in out]
+        )
         return out
 
     async def _count_produced(self) -> None:
         """After the batch's outputs are acknowledged: count them by type."""
-        for kind in self._outgoing:
+        for kind in self._outgoing.popleft() if self._outgoing else ():
             self.metrics.events_out.labels(kind).inc()
-        self._outgoing = []
 
     # ----------------------------------------------------------------- step
 
@@ -426,6 +428,8 @@ class _Listener(ConsumerRebalanceListener):
 
     async def on_partitions_revoked(self, revoked: Any) -> None:
         async with self.worker._lock:
+            if self.worker._core is not None:
+                await self.worker._core.settle()  # its commit, before the partitions go
             self.worker.forget_partitions({tp.partition for tp in revoked})
         log.info("partitions revoked: %s", sorted(tp.partition for tp in revoked))
 
