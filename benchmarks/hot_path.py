@@ -98,6 +98,7 @@ def network_of(rev: str) -> Any:
     spec = importlib.util.spec_from_file_location("network_then", path)
     assert spec and spec.loader
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
     spec.loader.exec_module(module)
     return module
 
