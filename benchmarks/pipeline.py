@@ -680,7 +680,15 @@ async def run(services: Services, procs: dict[str, tuple[Any, int | None]], args
         "echo_ladder": echo_ladder,
         "echo_highest_sustained_per_s": best,
         "capacity_no_latency_bound": capacity,
-        "redis": {**redis_traffic(marks[0], marks[1]), "stored_call": parts},
+        "redis": {
+            **redis_traffic(marks[0], marks[1]),
+            "stored_call": parts,
+            **(
+                {"note": "info_net_* count every worker's traffic (the variants' too)"}
+                if variants
+                else {}
+            ),
+        },
         "model": pipe.receiver.model,
         "utterances_sent": {s.name: len(s.sent) for s in stages},
         "variants": {v.name: dict(args.variants[v.name]) for v in variants},
