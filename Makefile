@@ -34,8 +34,9 @@ demo: $(STAMP) ## the whole pipeline on embedded Kafka + Redis: live emotions an
 	$(VENV)/bin/cfnesa demo
 
 .PHONY: bench
-bench: $(STAMP) ## run the benchmarks (~11 min; figures printed and written to benchmarks/results/)
+bench: $(STAMP) ## run the benchmarks (~20 min; figures printed and written to benchmarks/results/)
 	$(PY) benchmarks/model_step.py
+	$(PY) benchmarks/hot_path.py
 	$(PY) benchmarks/pipeline.py
 	$(PY) benchmarks/gateway.py
 	$(PY) benchmarks/scaleout.py

@@ -1,40 +1,50 @@
-"""End-to-end speed of the pipeline: synthetic calls -> Kafka -> one worker -> Kafka.
+"""End-to-end speed of the pipeline, against the broker's own floor in the same run.
 
 N concurrent synthetic calls (text-only 384-d features, base64) go through the
 embedded Tansu broker, redis-server and ONE ``cfnesa worker`` process with the
-shipped model. This process is both the load generator and the consumer of
-``emotion-events``, so latency is measured on one clock: input produced
-(``producer.send``) -> its emotion event consumed.
+shipped model. This process is both the load generator and the consumer of the
+outputs, so latency is measured on one clock: input produced (``producer.send``)
+-> its output event consumed.
 
-Two worker configurations, in the same run, each on fresh services:
+Two stages share the same broker (and run side by side for the whole run):
 
-- optimized: the shipped defaults (batches of up to 256 events across
-  conversations, owned states cached in memory, only new window slots written);
-- naive: one event at a time, the whole state read and written each time
-  (CFNESA_MAX_BATCH_EVENTS=1, CFNESA_STATE_CACHE=false).
+- pipeline: ``cfnesa worker`` with the shipped defaults (batches of up to 256
+  events across conversations, owned states cached in memory, only new window
+  slots written);
+- echo: ``benchmarks/echo.py``, the worker's Kafka clients and loop
+  (`streaming.processor.StreamCore`: poll -> produce -> commit) with no model and
+  no Redis: what the broker and the clients cost here, the floor.
 
-Figures, for both:
+Per offered rate (250, 500 and 1,000 utterances/s, then the echo alone up the
+ladder 1,500, 2,000, 3,000 ... until it fails, and the pipeline at the highest rate
+the echo sustains), one step of each, back to back, in alternating order (so both
+see the same noise); each step sends for ``--step-s`` seconds after a short warm-up
+at its rate. A step passes when p99 < 100 ms AND every event of the step came out
+within the step + 1 s. Figures:
 
-1. the highest sustained rate: rates are offered in steps (250, 500, 750,
-   1000, 1500, 2000, 3000 ... up until one fails; down from 250 if 250 fails;
-   then one step halfway between the last pass and the first failure). Each
-   step sends for ``--step-s`` seconds after a short warm-up at its rate. It
-   passes when p99 < 100 ms AND the worker kept up: every event of the step
-   came out within the step + 1 s;
-2. p50 and p99 at a steady 250 utterances/s (the first step);
-3. ratios optimized / naive (max sustained rate, p99 at 250/s);
+1. per rate: pipeline and echo p50/p99 and their ratios (the JSON's ``rates``);
+2. where the worker's batch time goes (``cfnesa_stage_seconds{stage}``: poll wait,
+   batch fill, validate, load, step, events, persist, outputs, produce, commit), per
+   batch and per utterance, at every rate;
+3. CPU per utterance (process user + system time over the step / utterances sent)
+   of the worker and of the echo, at every rate (the goal is stated at 500/s);
 4. Redis bytes written per utterance: the worker's metric
    ``cfnesa_redis_bytes_written_total / cfnesa_events_in_total{type="utterance"}``,
-   cross-checked with redis INFO ``total_net_input_bytes`` per utterance;
-5. capacity with no latency bound: how fast the worker clears a backlog sent
-   at once (about ``--capacity-s`` seconds of it), where batches grow to the
-   maximum. It separates throughput from latency floors (Kafka hops, polls).
+   cross-checked with redis INFO ``total_net_input_bytes``, and what one
+   utterance's write is made of (``--redis-parts``: a sample of the stored fields);
+5. capacity with no latency bound: how fast each stage clears a backlog sent at
+   once (about ``--capacity-s`` seconds of it).
 
 Everything shares this machine's cores: the load generator and the consumer
-(this process), the broker, Redis and the worker. Figures are therefore a floor
-for a worker with cores of its own; each step records every process's CPU share.
+(this process), the broker, Redis, the worker and the echo (idle while the other
+is measured, but still polling). Figures are therefore a floor for a worker with
+cores of its own; each step records every process's CPU share.
 
-Usage: python benchmarks/pipeline.py [--quick] [--calls 200] [--configs optimized,naive]
+A naive worker (one event at a time, whole state read and written: the old
+baseline) is one setting away: ``--worker-env CFNESA_MAX_BATCH_EVENTS=1
+--worker-env CFNESA_STATE_CACHE=false``.
+
+Usage: python benchmarks/pipeline.py [--quick] [--calls 200] [--rates 250,500,1000]
 Writes benchmarks/results/pipeline-<date>.json.
 """
 
@@ -67,7 +77,8 @@ from common import git, machine, pct, scrape, warn_if_busy, write_result  # noqa
 
 from streaming.embedded import Services, free_port  # noqa: E402
 from streaming.events import load_output, utterance_event  # noqa: E402
-from workers.processes import http_get, spawn, stop  # noqa: E402
+from workers.metrics import STAGES  # noqa: E402
+from workers.processes import http_get, parent_death_signal, spawn, stop  # noqa: E402
 
 # what the shipped model expects (plain MiniLM or the shipped adapter's features)
 FEATURE_SPEC = json.loads(
@@ -77,14 +88,14 @@ TEXT_DIM = 384
 PARTITIONS = 4
 P99_LIMIT_S = 0.100
 KEEP_UP_S = 1.0  # every event of a step must be out this long after its last send
-START_RATE = 250
-FETCH_MAX_WAIT_MS = 5  # the benchmark's own consumer of emotion-events
-# offered rates, utterances/s: up from START_RATE until a step fails, down if it fails
-LADDER = (25, 50, 100, 150, 200, 250, 500, 750, 1000, 1500, 2000, 3000, 4000, 5000, 6000, 8000)
-CONFIGS: dict[str, dict[str, str]] = {
-    "optimized": {},  # the shipped defaults
-    "naive": {"CFNESA_MAX_BATCH_EVENTS": "1", "CFNESA_STATE_CACHE": "false"},
-}
+RATES = (250, 500, 1000)  # offered to both, interleaved
+ECHO_LADDER = (1500, 2000, 3000, 4000, 5000, 6000, 8000)  # then the echo alone, up
+CPU_RATE = 500  # the rate the CPU-per-utterance goal is stated at
+RATIO_GOAL = 1.3  # pipeline p99 <= 1.3x the echo's, where the echo's p99 < 150 ms
+RATIO_WHERE_ECHO_P99_MS = 150.0
+CPU_GOAL_MS = 0.5
+REDIS_GOAL_BYTES = 4096
+FETCH_MAX_WAIT_MS = 5  # the benchmark's own consumers of the output topics
 # Quick trial runs on the 2-core machine (optimized config, two runs each):
 # 1 thread gave the lower latency at 250/s, torch's default (2) the higher
 # capacity; the pass criterion is about latency, so 1 (the other core is busy
@@ -104,8 +115,8 @@ _CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 class Calls:
     """N live calls; each ``build`` continues every call's seq, round-robin."""
 
-    def __init__(self, n: int, seed: int = 0) -> None:
-        self.ids = [f"bench-{i:04d}" for i in range(n)]
+    def __init__(self, n: int, prefix: str, seed: int = 0) -> None:
+        self.ids = [f"{prefix}-{i:04d}" for i in range(n)]
         self.keys = [cid.encode() for cid in self.ids]
         self.next_seq = [0] * n
         self.turn = 0
@@ -130,7 +141,7 @@ class Calls:
 
 
 class Receiver:
-    """Reads ``emotion-events``; notes when each (conversation_id, seq) first arrives."""
+    """Reads an output topic; notes when each (conversation_id, seq) first arrives."""
 
     def __init__(self, bootstrap: str, topic: str) -> None:
         self.consumer = AIOKafkaConsumer(
@@ -168,7 +179,7 @@ class Receiver:
                     event = json.loads(rec.value or b"{}")
                     if event.get("type") != "emotion":
                         continue  # alerts share the topic
-                    if self.model is None:  # the contract, checked once
+                    if self.model is None and "model" in event:  # the contract, checked once
                         self.model = load_output(rec.value or b"").model
                     ident = (event["conversation_id"], event["seq"])
                     if ident not in self.received:
@@ -232,23 +243,43 @@ def cpu_seconds(pid: int | None) -> float | None:
     return (int(fields[11]) + int(fields[12])) / _CLK_TCK
 
 
-# ------------------------------------------------------------------ one config
+def spawn_echo(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    """``python benchmarks/echo.py`` with the worker's settings, output to ``log``."""
+    with log.open("ab") as fh:
+        return subprocess.Popen(
+            [sys.executable, str(ROOT / "benchmarks" / "echo.py")],
+            env=env,
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            preexec_fn=parent_death_signal(),
+        )
+
+
+# ------------------------------------------------------------------ one stage
 
 
 @dataclass
 class Step:
+    stage: str
     offered_per_s: float
     sent: int
-    achieved_per_s: float  # emotion events received per second while sending
+    achieved_per_s: float  # output events received per second while sending
     p50_ms: float
     p99_ms: float
     max_ms: float
     kept_up: bool  # every event out within the step + KEEP_UP_S
     passed: bool
-    mean_batch_utterances: float | None
-    mean_step_ms: float | None  # the worker's model step per batch
-    mean_batch_ms: float | None  # the worker's whole batch, poll to offset commit
+    cpu_ms_per_utterance: float | None  # the stage's process CPU / utterances sent
     cpu_share: dict[str, float | None] = field(default_factory=dict)
+    # the worker only (from its /metrics)
+    mean_batch_utterances: float | None = None
+    mean_step_ms: float | None = None  # the model step per batch
+    mean_batch_ms: float | None = None  # the whole batch, poll to offset commit
+    batches: int | None = None
+    breakdown_ms_per_batch: dict[str, float] | None = None
+    breakdown_ms_per_utterance: dict[str, float] | None = None
     # a step that did not keep up: its latencies once the backlog drained
     p50_ms_drained: float | None = None
     p99_ms_drained: float | None = None
@@ -258,27 +289,33 @@ def ms(x: float) -> float:
     return round(x * 1e3, 2) if math.isfinite(x) else math.inf
 
 
-class Bench:
-    """One configuration: its services, worker, producer and consumer."""
+class Stage:
+    """One stage under test (the worker or the echo): its process, topics, load and
+    receiver. Both share the broker and the load generator's producer."""
 
     def __init__(
-        self, name: str, services: Services, worker: subprocess.Popen[bytes], port: int, args: Any
+        self,
+        name: str,
+        proc: subprocess.Popen[bytes],
+        port: int | None,
+        topics: tuple[str, str],
+        producer: AIOKafkaProducer,
+        services: Services,
+        args: Any,
     ) -> None:
         self.name = name
-        self.services = services
-        self.worker = worker
-        self.port = port
+        self.proc = proc
+        self.port = port  # /metrics and /healthz (the worker); None: no endpoint
+        self.in_topic, self.out_topic = topics
+        self.producer = producer
         self.args = args
-        self.calls = Calls(args.calls, seed=sorted(CONFIGS).index(name))
+        self.calls = Calls(args.calls, prefix=f"bench-{name}", seed=len(name))
         self.sent: dict[tuple[str, int], float] = {}
         self.last_measured: list[tuple[str, int]] = []
-        self.receiver = Receiver(services.bootstrap, "bench-events")
-        self.producer = AIOKafkaProducer(
-            bootstrap_servers=services.bootstrap, linger_ms=2, max_batch_size=65_536
-        )
+        self.receiver = Receiver(services.bootstrap, self.out_topic)
         assert services.kafka is not None and services.redis is not None
         self.pids = {
-            "worker": worker.pid,
+            name: proc.pid,
             "broker": services.kafka.pid,
             "redis": services.redis.pid,
             "loadgen": os.getpid(),
@@ -289,23 +326,26 @@ class Bench:
 
     async def ready(self) -> None:
         deadline = time.monotonic() + 180
-        while (await asyncio.to_thread(http_get, self.port, "/healthz"))[0] != 200:
-            if self.worker.poll() is not None:
-                raise RuntimeError(f"the worker exited with {self.worker.returncode}")
+        while self.port is not None:
+            if (await asyncio.to_thread(http_get, self.port, "/healthz"))[0] == 200:
+                break
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name} exited with {self.proc.returncode}")
             if time.monotonic() > deadline:
-                raise RuntimeError("the worker did not become healthy")
+                raise RuntimeError(f"{self.name} did not become healthy")
             await asyncio.sleep(0.2)
-        await self.producer.start()
         await self.receiver.start()
 
     async def close(self) -> None:
-        await self.producer.stop()
         await self.receiver.stop()
+
+    async def scrape(self) -> dict[str, float]:
+        return {} if self.port is None else await asyncio.to_thread(scrape, self.port)
 
     async def unmeasured(self, count: int, rate: float, within_s: float) -> None:
         """Send ``count`` utterances at ``rate`` and wait for all their events."""
         msgs = self.calls.build(count)
-        await offer(self.producer, "bench-features", msgs, rate, self.sent)
+        await offer(self.producer, self.in_topic, msgs, rate, self.sent)
         ok = await self.receiver.wait_for([m[2] for m in msgs], time.perf_counter() + within_s)
         if not ok:
             raise RuntimeError(f"{self.name}: events missing after {within_s:g} s")
@@ -316,43 +356,44 @@ class Bench:
         measured = self.calls.build(int(rate * a.step_s))
         gc.collect()
         gc.freeze()  # the prebuilt messages are never garbage: keep collections short
-        before = await asyncio.to_thread(scrape, self.port)
+        before = await self.scrape()
         cpu0, wall0 = self.cpu(), time.perf_counter()
-        times = await offer(self.producer, "bench-features", warm + measured, rate, self.sent)
+        times = await offer(self.producer, self.in_topic, warm + measured, rate, self.sent)
         end = time.perf_counter()
         start = times[len(warm)]
         kept_up = await self.receiver.wait_for([m[2] for m in warm + measured], end + KEEP_UP_S)
         cpu1, wall1 = self.cpu(), time.perf_counter()
-        after = await asyncio.to_thread(scrape, self.port)
+        after = await self.scrape()
         gc.unfreeze()
         self.last_measured = [m[2] for m in measured]
         lat = self.latencies(self.last_measured)
         arrivals = sum(1 for t in self.receiver.arrivals if start <= t <= end)
-
-        def mean(name: str, scale: float = 1.0) -> float | None:
-            count = after[f"{name}_count"] - before[f"{name}_count"]
-            total = after[f"{name}_sum"] - before[f"{name}_sum"]
-            return round(total / count * scale, 2) if count else None
-
         share: dict[str, float | None] = {}
         for k, c0 in cpu0.items():
             c1 = cpu1[k]
             share[k] = None if c0 is None or c1 is None else round((c1 - c0) / (wall1 - wall0), 3)
+        own0, own1 = cpu0[self.name], cpu1[self.name]
+        sent = len(warm) + len(measured)
         p99 = pct(lat, 0.99)
-        return Step(
+        st = Step(
+            stage=self.name,
             offered_per_s=rate,
-            sent=len(warm) + len(measured),
+            sent=sent,
             achieved_per_s=round(arrivals / max(end - start, 1e-9), 1),
             p50_ms=ms(pct(lat, 0.50)),
             p99_ms=ms(p99),
             max_ms=ms(lat[-1]),
             kept_up=kept_up,
             passed=kept_up and p99 < P99_LIMIT_S,
-            mean_batch_utterances=mean("cfnesa_batch_size"),
-            mean_step_ms=mean("cfnesa_step_seconds", 1e3),
-            mean_batch_ms=mean("cfnesa_batch_seconds", 1e3),
+            # every event of the step was out when the CPU was read, unless it fell behind
+            cpu_ms_per_utterance=None
+            if own0 is None or own1 is None
+            else round((own1 - own0) / sent * 1e3, 3),
             cpu_share=share,
         )
+        if before and after:
+            worker_figures(st, before, after)
+        return st
 
     def latencies(self, idents: list[tuple[str, int]]) -> list[float]:
         """Sorted send -> receive seconds; inf for events not received (yet)."""
@@ -360,46 +401,79 @@ class Bench:
         return sorted(got.get(i, math.inf) - self.sent[i] for i in idents)
 
     async def capacity(self, backlog: int) -> dict[str, Any]:
-        """Send ``backlog`` utterances at once; the rate the worker clears them at
+        """Send ``backlog`` utterances at once; the rate the stage clears them at
         (its throughput with no latency bound: batches grow to the maximum)."""
         msgs = self.calls.build(backlog)
         gc.collect()
         gc.freeze()
-        before = await asyncio.to_thread(scrape, self.port)
+        before = await self.scrape()
+        cpu0 = cpu_seconds(self.proc.pid)
         t0 = time.perf_counter()
-        await offer(self.producer, "bench-features", msgs, math.inf, self.sent)
+        await offer(self.producer, self.in_topic, msgs, math.inf, self.sent)
         idents = [m[2] for m in msgs]
         done = await self.receiver.wait_for(idents, t0 + self.args.drain_timeout_s)
-        after = await asyncio.to_thread(scrape, self.port)
+        cpu1 = cpu_seconds(self.proc.pid)
+        after = await self.scrape()
         gc.unfreeze()
         if not done:
             return {"backlog": backlog, "per_s": None, "note": "not cleared in time"}
         last = max(self.receiver.received[i] for i in idents)
-        count = after["cfnesa_batch_size_count"] - before["cfnesa_batch_size_count"]
-        total = after["cfnesa_batch_size_sum"] - before["cfnesa_batch_size_sum"]
-        return {
+        out: dict[str, Any] = {
             "backlog": backlog,
             "per_s": round(backlog / (last - t0), 1),
             "seconds": round(last - t0, 2),
-            "mean_batch_utterances": round(total / count, 1) if count else None,
+            "cpu_ms_per_utterance": None
+            if cpu0 is None or cpu1 is None
+            else round((cpu1 - cpu0) / backlog * 1e3, 3),
         }
-
-    async def mark(self, rds: redis.Redis) -> dict[str, float]:
-        """The counters behind the Redis bytes per utterance, now."""
-        m = await asyncio.to_thread(scrape, self.port)
-        info = await asyncio.to_thread(rds.info, "stats")
-        return {
-            "utterances": m.get("cfnesa_events_in_total{type=utterance}", 0.0),
-            "written": m.get("cfnesa_redis_bytes_written_total", 0.0),
-            "net_input": float(info["total_net_input_bytes"]),
-            "net_output": float(info["total_net_output_bytes"]),
-        }
+        if before and after:
+            count = after["cfnesa_batch_size_count"] - before["cfnesa_batch_size_count"]
+            total = after["cfnesa_batch_size_sum"] - before["cfnesa_batch_size_sum"]
+            out["mean_batch_utterances"] = round(total / count, 1) if count else None
+        return out
 
     async def drain(self) -> bool:
         """Wait for every event sent so far (a failed step leaves a backlog)."""
         return await self.receiver.wait_for(
             list(self.sent), time.perf_counter() + self.args.drain_timeout_s
         )
+
+
+def worker_figures(st: Step, before: dict[str, float], after: dict[str, float]) -> None:
+    """The worker's means over a step, from two scrapes of its /metrics."""
+
+    def delta(name: str) -> float:
+        return after.get(name, 0.0) - before.get(name, 0.0)
+
+    def mean(name: str, scale: float = 1.0) -> float | None:
+        count = delta(f"{name}_count")
+        return round(delta(f"{name}_sum") / count * scale, 2) if count else None
+
+    st.mean_batch_utterances = mean("cfnesa_batch_size")
+    st.mean_step_ms = mean("cfnesa_step_seconds", 1e3)
+    st.mean_batch_ms = mean("cfnesa_batch_seconds", 1e3)
+    batches = delta("cfnesa_batch_seconds_count")
+    utterances = delta("cfnesa_events_in_total{type=utterance}")
+    st.batches = int(batches)
+    per_batch, per_utt = {}, {}
+    for stage in STAGES:
+        total = delta(f"cfnesa_stage_seconds_sum{{stage={stage}}}")
+        per_batch[stage] = round(total / batches * 1e3, 3) if batches else math.nan
+        per_utt[stage] = round(total / utterances * 1e3, 4) if utterances else math.nan
+    st.breakdown_ms_per_batch = per_batch
+    st.breakdown_ms_per_utterance = per_utt
+
+
+async def mark(worker: Stage, rds: redis.Redis) -> dict[str, float]:
+    """The counters behind the Redis bytes per utterance, now."""
+    m = await worker.scrape()
+    info = await asyncio.to_thread(rds.info, "stats")
+    return {
+        "utterances": m.get("cfnesa_events_in_total{type=utterance}", 0.0),
+        "written": m.get("cfnesa_redis_bytes_written_total", 0.0),
+        "net_input": float(info["total_net_input_bytes"]),
+        "net_output": float(info["total_net_output_bytes"]),
+    }
 
 
 def redis_traffic(a: dict[str, float], b: dict[str, float]) -> dict[str, Any]:
@@ -416,145 +490,229 @@ def redis_traffic(a: dict[str, float], b: dict[str, float]) -> dict[str, Any]:
     }
 
 
-def next_rate(
-    passed: list[float], failed: list[float], last: Step, refinements_left: int
-) -> float | None:
-    lo = max(passed, default=None)
-    hi = min(failed, default=None)
-    if hi is None:
-        above = [r for r in LADDER if r > last.offered_per_s]
-        return above[0] if above else None
-    if lo is None:
-        # below every failure and below what the worker delivered while failing
-        ceiling = min(hi, 0.95 * last.achieved_per_s)
-        below = [r for r in LADDER if r < ceiling and r < hi]
-        return below[-1] if below else (LADDER[0] if LADDER[0] < hi else None)
-    if refinements_left > 0 and lo < hi and hi - lo > max(0.1 * lo, 25):
-        mid = round((lo + hi) / 2 / 25) * 25
-        return mid if lo < mid < hi else None
-    return None
+async def redis_parts(rds: redis.Redis, prefix: str, calls: Calls) -> dict[str, Any]:
+    """What a stored call holds (bytes by field, and the events list), over a sample
+    of live calls: the make-up of the bytes written per utterance."""
+
+    def one(cid: str) -> tuple[dict[bytes, bytes], list[bytes]]:
+        state = rds.hgetall(f"{prefix}:{{{cid}}}:state")
+        events = rds.lrange(f"{prefix}:{{{cid}}}:events", 0, -1)
+        return state, events
+
+    sizes: dict[str, list[int]] = {}
+    event_sizes: list[int] = []
+    for cid in calls.ids[:20]:
+        state, events = await asyncio.to_thread(one, cid)
+        for k, v in state.items():
+            name = k.decode()
+            name = "w*" if name.startswith("w") and name[1:].isdigit() else name
+            sizes.setdefault(name, []).append(len(v))
+        event_sizes.extend(len(e) for e in events)
+    means = {k: round(sum(v) / len(v)) for k, v in sorted(sizes.items())}
+    event = round(sum(event_sizes) / len(event_sizes)) if event_sizes else 0
+    return {
+        "field_mean_bytes": means,
+        "event_mean_bytes": event,
+        "events_per_call": round(len(event_sizes) / min(len(calls.ids), 20), 1),
+        # what a call's write holds when a batch has one utterance of it (the common
+        # case at one utterance per call every few seconds): the core, one window slot,
+        # the tracker and one emotion event (alerts are rare); batches holding several
+        # utterances of a call write the core and tracker once for all of them
+        "one_utterance_write_bytes": {
+            "core": means.get("core", 0),
+            "window_slot": means.get("w*", 0),
+            "app": means.get("app", 0),
+            "event": event,
+            "total": means.get("core", 0) + means.get("w*", 0) + means.get("app", 0) + event,
+        },
+    }
 
 
-async def run_config(name: str, services: Services, worker: Any, port: int, args: Any) -> dict:
-    bench = Bench(name, services, worker, port, args)
+# ------------------------------------------------------------------ the run
+
+
+def describe(st: Step) -> str:
+    cpu = " ".join(f"{k} {v:.0%}" for k, v in st.cpu_share.items() if v is not None)
+    line = (
+        f"[{st.stage:8s}] offered {st.offered_per_s:6.0f}/s  achieved {st.achieved_per_s:7.1f}/s"
+        f"  p50 {st.p50_ms:8.1f} ms  p99 {st.p99_ms:8.1f} ms  max {st.max_ms:8.1f} ms"
+        f"  kept up {st.kept_up!s:5}  {'PASS' if st.passed else 'FAIL'}"
+        f"  cpu/utt {st.cpu_ms_per_utterance} ms  cpu: {cpu}"
+    )
+    if st.breakdown_ms_per_batch is not None:
+        parts = " ".join(f"{k} {v:.2f}" for k, v in st.breakdown_ms_per_batch.items())
+        line += (
+            f"\n[{st.stage:8s}]   batches {st.batches}, {st.mean_batch_utterances} utt,"
+            f" {st.mean_batch_ms} ms poll-to-commit; ms per batch: {parts}"
+        )
+    if st.p99_ms_drained is not None:
+        line += (
+            f"\n[{st.stage:8s}]   (events of that step once drained: p50 {st.p50_ms_drained} ms,"
+            f" p99 {st.p99_ms_drained} ms)"
+        )
+    return line
+
+
+async def measured(stage: Stage, rate: float, notes: list[str]) -> Step:
+    """One step at ``rate``, its drained latencies if it fell behind, printed."""
+    st = await stage.step(rate)
+    if await stage.drain():
+        if not st.kept_up:
+            late = stage.latencies(stage.last_measured)
+            st.p50_ms_drained, st.p99_ms_drained = ms(pct(late, 0.5)), ms(pct(late, 0.99))
+    else:
+        notes.append(f"{stage.name} at {rate:g}/s: backlog not drained in time")
+    print(describe(st), flush=True)
+    return st
+
+
+def pair(rate: float, pipe: Step, echo: Step) -> dict[str, Any]:
+    """One offered rate's figures, as the JSON's ``rates`` list holds them."""
+
+    def ratio(a: float, b: float) -> float | None:
+        return round(a / b, 2) if math.isfinite(a) and math.isfinite(b) and b > 0 else None
+
+    judged = math.isfinite(echo.p99_ms) and echo.p99_ms < RATIO_WHERE_ECHO_P99_MS
+    p99_ratio = ratio(pipe.p99_ms, echo.p99_ms)
+    return {
+        "offered": rate,
+        "pipeline_p50_ms": pipe.p50_ms,
+        "pipeline_p99_ms": pipe.p99_ms,
+        "echo_p50_ms": echo.p50_ms,
+        "echo_p99_ms": echo.p99_ms,
+        "p50_ratio": ratio(pipe.p50_ms, echo.p50_ms),
+        "p99_ratio": p99_ratio,
+        "pipeline_kept_up": pipe.kept_up,
+        "echo_kept_up": echo.kept_up,
+        "pipeline_passed": pipe.passed,
+        "echo_passed": echo.passed,
+        "ratio_target_applies": judged,
+        "ratio_target_met": None
+        if not judged
+        else bool(p99_ratio is not None and pipe.kept_up and p99_ratio <= RATIO_GOAL),
+        "pipeline_cpu_ms_per_utterance": pipe.cpu_ms_per_utterance,
+        "echo_cpu_ms_per_utterance": echo.cpu_ms_per_utterance,
+        "breakdown_ms_per_batch": pipe.breakdown_ms_per_batch,
+        "breakdown_ms_per_utterance": pipe.breakdown_ms_per_utterance,
+        "pipeline_mean_batch_utterances": pipe.mean_batch_utterances,
+        "pipeline": asdict(pipe),
+        "echo": asdict(echo),
+    }
+
+
+async def run(services: Services, procs: dict[str, tuple[Any, int | None]], args: Any) -> dict:
+    """The interleaved steps, the echo's ladder, capacities and Redis figures, over the
+    stages ``procs`` (name -> (process, metrics port)): "pipeline", "echo" and any
+    ``--variant`` (pipeline-NAME)."""
+    producer = AIOKafkaProducer(
+        bootstrap_servers=services.bootstrap, linger_ms=2, max_batch_size=65_536
+    )
+    await producer.start()
+    stages = [
+        Stage(name, proc, port, stage_topics(name), producer, services, args)
+        for name, (proc, port) in procs.items()
+    ]
+    by_name = {s.name: s for s in stages}
+    pipe, echo = by_name["pipeline"], by_name["echo"]
+    variants = [s for s in stages if s.name.startswith("pipeline-")]
     assert services.redis is not None
     rds = redis.Redis.from_url(services.redis.url)
-    steps: list[Step] = []
     notes: list[str] = []
+    rates: list[dict[str, Any]] = []
+    echo_ladder: list[dict[str, Any]] = []
+
+    async def interleaved(rate: float, turn: int) -> None:
+        # rotate the order from rate to rate, so that no stage always goes first
+        order = stages[turn % len(stages) :] + stages[: turn % len(stages)]
+        got = {s.name: await measured(s, rate, notes) for s in order}
+        entry = pair(rate, got["pipeline"], got["echo"])
+        if variants:
+            entry["variants"] = {v.name: pair(rate, got[v.name], got["echo"]) for v in variants}
+        rates.append(entry)
+
     try:
         t0 = time.monotonic()
-        await bench.ready()
-        # seq 0 of every call: the worker joins the group and loads its partitions
-        await bench.unmeasured(args.calls, 500, within_s=120)
-        await bench.unmeasured(int(START_RATE * args.warmup_s), START_RATE, within_s=60)
-        if not await bench.drain():
-            raise RuntimeError(f"{name}: warm-up events missing")
-        print(f"[{name}] worker ready and warm after {time.monotonic() - t0:.1f} s", flush=True)
-        marks = [await bench.mark(rds)]  # Redis traffic: rate steps, then capacity
-        passed: list[float] = []
-        failed: list[float] = []
-        refinements = args.refine
-        rate: float | None = START_RATE
-        while rate is not None:
-            st = await bench.step(rate)
-            steps.append(st)
-            if not st.kept_up and await bench.drain():
-                late = bench.latencies(bench.last_measured)
-                st.p50_ms_drained, st.p99_ms_drained = ms(pct(late, 0.5)), ms(pct(late, 0.99))
-            (passed if st.passed else failed).append(rate)
-            cpu = " ".join(f"{k} {v:.0%}" for k, v in st.cpu_share.items() if v is not None)
-            print(
-                f"[{name}] offered {st.offered_per_s:6.0f}/s  achieved {st.achieved_per_s:7.1f}/s"
-                f"  p50 {st.p50_ms:8.1f} ms  p99 {st.p99_ms:8.1f} ms  max {st.max_ms:8.1f} ms"
-                f"  batch {st.mean_batch_utterances} utt {st.mean_batch_ms} ms"
-                f" (step {st.mean_step_ms} ms)  kept up {st.kept_up!s:5}"
-                f"  {'PASS' if st.passed else 'FAIL'}  cpu: {cpu}",
-                flush=True,
-            )
-            if st.p99_ms_drained is not None:
-                print(
-                    f"[{name}]   (events of that step once drained: p50 {st.p50_ms_drained} ms,"
-                    f" p99 {st.p99_ms_drained} ms)",
-                    flush=True,
-                )
-            rate = next_rate(passed, failed, st, refinements)
-            if rate is not None and passed and failed:
-                refinements -= 1  # a step between the last pass and the first failure
-            if rate is not None and not await bench.drain():
-                notes.append(f"backlog not drained within {args.drain_timeout_s} s; stopped")
-                print(f"[{name}] {notes[-1]}", flush=True)
+        for stage in stages:
+            await stage.ready()
+            # seq 0 of every call: the stage joins the group and loads its partitions
+            await stage.unmeasured(args.calls, 500, within_s=120)
+            await stage.unmeasured(int(RATES[0] * args.warmup_s), RATES[0], within_s=60)
+            if not await stage.drain():
+                raise RuntimeError(f"{stage.name}: warm-up events missing")
+        print(f"all stages ready and warm after {time.monotonic() - t0:.1f} s", flush=True)
+        marks = [await mark(pipe, rds)]
+        for i, rate in enumerate(args.rates):
+            await interleaved(rate, i)
+        # the echo alone up the ladder, then every stage at the highest it sustains
+        best: float | None = None
+        for rate in (r for r in ECHO_LADDER if r > max(args.rates)):
+            if args.no_ladder:
                 break
-        # throughput with no latency bound: a small backlog to size a second, timed one
-        if await bench.drain():
-            marks.append(await bench.mark(rds))
-            probe = await bench.capacity(500)
-            seconds = args.capacity_s
-            size = int(min(max(seconds * (probe["per_s"] or 0), 200), 30_000))
-            capacity = await bench.capacity(size)
+            st = await measured(echo, rate, notes)
+            echo_ladder.append(asdict(st))
+            if not st.passed:
+                break
+            best = rate
+        if best is not None:
+            await interleaved(best, len(args.rates))
+        await pipe.drain()
+        marks.append(await mark(pipe, rds))
+        parts = await redis_parts(rds, "bench-pipeline", pipe.calls)
+        capacity = {}
+        for stage in stages:
+            probe = await stage.capacity(500)
+            size = int(min(max(args.capacity_s * (probe["per_s"] or 0), 200), 30_000))
+            capacity[stage.name] = await stage.capacity(size)
             print(
-                f"[{name}] capacity (no latency bound): {capacity['per_s']}/s clearing a "
-                f"backlog of {size} (mean batch {capacity.get('mean_batch_utterances')})",
+                f"[{stage.name:8s}] capacity (no latency bound): {capacity[stage.name]['per_s']}/s"
+                f" clearing a backlog of {size}, cpu/utt "
+                f"{capacity[stage.name]['cpu_ms_per_utterance']} ms",
                 flush=True,
             )
-        else:
-            capacity = {"per_s": None, "note": "backlog of the steps not drained"}
-        await bench.drain()
-        marks.append(await bench.mark(rds))
+            await stage.drain()
     finally:
-        await bench.close()
+        for stage in stages:
+            await stage.close()
+        await producer.stop()
         rds.close()
-    redis_steps = redis_traffic(marks[0], marks[1])
-    redis_all = redis_traffic(marks[0], marks[-1])
-    at_start = next(s for s in steps if s.offered_per_s == START_RATE)
-    best = max((s for s in steps if s.passed), key=lambda s: s.offered_per_s, default=None)
-    if not at_start.passed:
-        notes.append(f"does not sustain {START_RATE}/s (p99 {at_start.p99_ms} ms)")
-    result = {
-        "worker_env": CONFIGS[name],
-        "max_sustained_per_s": best.offered_per_s if best else 0,
-        "max_sustained_step": asdict(best) if best else None,
-        "lowest_failed_per_s": min(failed, default=None),
-        f"at_{START_RATE}_per_s": {
-            "p50_ms": at_start.p50_ms,
-            "p99_ms": at_start.p99_ms,
-            "sustained": at_start.passed,
-            "kept_up": at_start.kept_up,
-            "p50_ms_drained": at_start.p50_ms_drained,
-            "p99_ms_drained": at_start.p99_ms_drained,
-        },
-        "steps": [asdict(s) for s in steps],
+    return {
+        "rates": rates,
+        "echo_ladder": echo_ladder,
+        "echo_highest_sustained_per_s": best,
         "capacity_no_latency_bound": capacity,
-        "utterances_sent": len(bench.sent),
-        # during the rate steps (the figure), and with the capacity backlog too
-        "redis_bytes_written_per_utterance_metric": redis_steps.get("metric", 0),
-        "redis_net_input_bytes_per_utterance": redis_steps.get("info_net_input", 0),
-        "redis_per_utterance_rate_steps": redis_steps,
-        "redis_per_utterance_with_capacity_phase": redis_all,
-        "model": bench.receiver.model,
+        "redis": {
+            **redis_traffic(marks[0], marks[1]),
+            "stored_call": parts,
+            **(
+                {"note": "info_net_* count every worker's traffic (the variants' too)"}
+                if variants
+                else {}
+            ),
+        },
+        "model": pipe.receiver.model,
+        "utterances_sent": {s.name: len(s.sent) for s in stages},
+        "variants": {v.name: dict(args.variants[v.name]) for v in variants},
         "notes": notes,
     }
-    print(
-        f"[{name}] max sustained {result['max_sustained_per_s']}/s; at {START_RATE}/s "
-        f"p50 {at_start.p50_ms} ms p99 {at_start.p99_ms} ms; Redis bytes written per "
-        f"utterance {result['redis_bytes_written_per_utterance_metric']} (metric), "
-        f"{result['redis_net_input_bytes_per_utterance']} (INFO net input)",
-        flush=True,
-    )
-    return result
 
 
-def worker_env(name: str, services: Services, port: int, args: Any) -> dict[str, str]:
+def stage_topics(name: str) -> tuple[str, str]:
+    """A stage's input and output topics (the pipeline keeps its historical names)."""
+    if name == "pipeline":
+        return "bench-features", "bench-events"
+    if name == "echo":
+        return "echo-in", "echo-out"
+    return f"bench-{name}-features", f"bench-{name}-events"
+
+
+def stage_env(
+    services: Services, args: Any, extra: dict[str, str] | None = None, **topics: str
+) -> dict[str, str]:
     env = dict(os.environ)
     env.update(
         {
             "CFNESA_KAFKA_BOOTSTRAP": services.bootstrap,
             "CFNESA_REDIS_URL": services.redis_url,
-            "CFNESA_INPUT_TOPIC": "bench-features",
-            "CFNESA_OUTPUT_TOPIC": "bench-events",
-            "CFNESA_DLQ_TOPIC": "bench-features.dlq",
-            "CFNESA_GROUP_ID": f"bench-{name}",
-            "CFNESA_KEY_PREFIX": f"bench-{name}",
-            "CFNESA_METRICS_PORT": str(port),
             "CFNESA_SESSION_TIMEOUT_MS": "3000",
             "CFNESA_HEARTBEAT_INTERVAL_MS": "500",
             "CFNESA_REBALANCE_TIMEOUT_MS": "3000",
@@ -563,23 +721,62 @@ def worker_env(name: str, services: Services, port: int, args: Any) -> dict[str,
         }
     )
     env.update(dict(args.worker_env))
-    env.update(CONFIGS[name])
+    env.update(extra or {})
+    env.update(topics)
     return env
 
 
-def measure(name: str, args: Any, logs: Path) -> dict:
-    """One configuration on fresh services. Services and worker start on the
-    main thread (their PR_SET_PDEATHSIG is tied to the thread that forks)."""
-    topics = {"bench-features": PARTITIONS, "bench-events": PARTITIONS, "bench-features.dlq": 1}
-    folder = logs / name
-    folder.mkdir(parents=True, exist_ok=True)
-    with Services(log_dir=folder, topics=topics) as services:
-        port = free_port()
-        worker = spawn(["worker"], worker_env(name, services, port, args), folder / "worker.log")
+def measure(args: Any, logs: Path) -> dict[str, Any]:
+    """Every stage on one set of services. Services and processes start on the main
+    thread (their PR_SET_PDEATHSIG is tied to the thread that forks)."""
+    names = ["pipeline", "echo", *args.variants]
+    topics = {"echo-in.dlq": 1}
+    for name in names:
+        for t in stage_topics(name):
+            topics[t] = PARTITIONS
+        if name != "echo":
+            topics[f"{stage_topics(name)[0]}.dlq"] = 1
+    with Services(log_dir=logs, topics=topics) as services:
+        procs: dict[str, tuple[Any, int | None]] = {}
         try:
-            return asyncio.run(run_config(name, services, worker, port, args))
+            for name in names:
+                source, sink = stage_topics(name)
+                if name == "echo":
+                    env = stage_env(
+                        services,
+                        args,
+                        CFNESA_INPUT_TOPIC=source,
+                        CFNESA_OUTPUT_TOPIC=sink,
+                        CFNESA_DLQ_TOPIC="echo-in.dlq",
+                        CFNESA_GROUP_ID="bench-echo",
+                        CFNESA_METRICS_PORT="0",
+                    )
+                    procs[name] = (spawn_echo(env, logs / "echo.log"), None)
+                    continue
+                port = free_port()
+                env = stage_env(
+                    services,
+                    args,
+                    args.variants.get(name),
+                    CFNESA_INPUT_TOPIC=source,
+                    CFNESA_OUTPUT_TOPIC=sink,
+                    CFNESA_DLQ_TOPIC=f"{source}.dlq",
+                    CFNESA_GROUP_ID=f"bench-{name}",
+                    CFNESA_KEY_PREFIX=f"bench-{name}",
+                    CFNESA_METRICS_PORT=str(port),
+                )
+                procs[name] = (spawn(["worker"], env, logs / f"{name}.log"), port)
+            return asyncio.run(run(services, procs, args))
         finally:
-            stop([worker])
+            stop([p for p, _ in procs.values()])
+
+
+def variant(text: str) -> tuple[str, dict[str, str]]:
+    """``NAME:CFNESA_X=V[,CFNESA_Y=W]`` -> ("pipeline-NAME", settings)."""
+    name, colon, rest = text.partition(":")
+    if not colon or not name.isidentifier():
+        raise argparse.ArgumentTypeError(f"expected NAME:CFNESA_X=V[,...], got {text!r}")
+    return f"pipeline-{name}", dict(env_pair(item) for item in rest.split(",") if item)
 
 
 def env_pair(text: str) -> tuple[str, str]:
@@ -589,11 +786,44 @@ def env_pair(text: str) -> tuple[str, str]:
     return name, value
 
 
+def targets(result: dict[str, Any]) -> dict[str, Any]:
+    """The issue's targets, each with what this run measured and whether it is met."""
+    judged = [r for r in result["rates"] if r["ratio_target_applies"]]
+    at_cpu = next((r for r in result["rates"] if r["offered"] == CPU_RATE), None)
+    cpu = at_cpu["pipeline_cpu_ms_per_utterance"] if at_cpu else None
+    written = result["redis"].get("metric")
+    return {
+        "p99_ratio": {
+            "goal": f"pipeline p99 <= {RATIO_GOAL}x the echo's at every rate where the echo's "
+            f"p99 < {RATIO_WHERE_ECHO_P99_MS:g} ms",
+            "measured": {str(r["offered"]): r["p99_ratio"] for r in judged},
+            "met": bool(judged) and all(r["ratio_target_met"] for r in judged),
+        },
+        "cpu_ms_per_utterance_at_500": {
+            "goal": f"<= {CPU_GOAL_MS} ms",
+            "measured": cpu,
+            "met": cpu is not None and cpu <= CPU_GOAL_MS,
+        },
+        "redis_bytes_per_utterance": {
+            "goal": f"<= {REDIS_GOAL_BYTES}",
+            "measured": written,
+            "met": written is not None and written <= REDIS_GOAL_BYTES,
+        },
+    }
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="short steps (smoke run)")
     parser.add_argument("--calls", type=int, default=200, help="concurrent calls")
-    parser.add_argument("--configs", default="optimized,naive", help="comma-separated")
+    parser.add_argument(
+        "--rates",
+        default=",".join(str(r) for r in RATES),
+        help="offered rates, utterances/s, comma-separated (both stages, interleaved)",
+    )
+    parser.add_argument(
+        "--no-ladder", action="store_true", help="skip the echo's ladder above the rates"
+    )
     parser.add_argument(
         "--torch-threads",
         type=int,
@@ -607,81 +837,77 @@ def main() -> int:
         default=[],
         type=env_pair,
         metavar="CFNESA_X=VALUE",
-        help="extra worker setting for both configurations (repeatable)",
+        help="extra setting for the worker and the echo (repeatable)",
+    )
+    parser.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        type=variant,
+        metavar="NAME:CFNESA_X=V[,...]",
+        help="one more worker, pipeline-NAME, with these settings, interleaved with the "
+        "others at every rate (a lever measured against the defaults in the same run)",
     )
     parser.add_argument("--no-write", action="store_true", help="print only, write no JSON")
     args = parser.parse_args()
+    args.variants = dict(args.variant)
+    args.rates = [float(r) for r in args.rates.split(",") if r.strip()]
     args.step_s = args.step_s or (4.0 if args.quick else 10.0)
     args.step_warmup_s = 0.5 if args.quick else 1.0
     args.warmup_s = 1.0 if args.quick else 3.0
-    args.refine = 0 if args.quick else 1
-    args.drain_timeout_s = 60.0
+    args.drain_timeout_s = 180.0  # a step the pipeline cannot sustain leaves a backlog
     args.capacity_s = 2.5 if args.quick else 5.0
-    names = [n.strip() for n in args.configs.split(",") if n.strip()]
-    unknown = set(names) - set(CONFIGS)
-    if unknown:
-        parser.error(f"unknown configs {sorted(unknown)}; known: {sorted(CONFIGS)}")
 
     cpus = os.cpu_count()
     print(
-        f"{args.calls} concurrent calls, text-only {TEXT_DIM}-d features, {PARTITIONS} "
-        f"partitions, one worker (CFNESA_TORCH_THREADS={args.torch_threads}); steps of "
-        f"{args.step_s:g} s; pass: p99 < {P99_LIMIT_S * 1e3:.0f} ms and all events out within "
-        f"the step + {KEEP_UP_S:g} s.\nNOTE: the load generator and consumer (this process), "
-        f"the broker, Redis and the worker all share this machine's {cpus} cores.",
+        f"{args.calls} concurrent calls per stage, text-only {TEXT_DIM}-d features, "
+        f"{PARTITIONS} partitions, one worker (CFNESA_TORCH_THREADS={args.torch_threads}) and "
+        f"one echo on the same broker; steps of {args.step_s:g} s; pass: p99 < "
+        f"{P99_LIMIT_S * 1e3:.0f} ms and all events out within the step + {KEEP_UP_S:g} s.\n"
+        f"NOTE: the load generator and consumers (this process), the broker, Redis, the "
+        f"worker and the echo all share this machine's {cpus} cores.",
         flush=True,
     )
     warn_if_busy()
+    load_at_start = os.getloadavg() if hasattr(os, "getloadavg") else None
     logs = Path(tempfile.mkdtemp(prefix="cfnesa-bench-"))
     print(f"logs in {logs}", flush=True)
-    results: dict[str, Any] = {}
-    for name in names:
-        results[name] = measure(name, args, logs)
+    result = measure(args, logs)
+    goals = targets(result)
 
-    ratios: dict[str, Any] = {}
-    if {"optimized", "naive"} <= results.keys():
-        opt, naive = results["optimized"], results["naive"]
-        key = f"at_{START_RATE}_per_s"
-        if naive["max_sustained_per_s"]:
-            ratios["max_sustained_optimized_vs_naive"] = round(
-                opt["max_sustained_per_s"] / naive["max_sustained_per_s"], 1
-            )
-        if math.isfinite(naive[key]["p99_ms"]) and opt[key]["p99_ms"]:
-            ratios[f"p99_at_{START_RATE}_naive_vs_optimized"] = round(
-                naive[key]["p99_ms"] / opt[key]["p99_ms"], 1
-            )
-        elif naive[key]["p99_ms_drained"] and opt[key]["p99_ms"]:
-            # naive fell behind: its events came out only as the backlog drained
-            ratios[f"p99_at_{START_RATE}_naive_drained_vs_optimized"] = round(
-                naive[key]["p99_ms_drained"] / opt[key]["p99_ms"], 1
-            )
-        ratios[f"naive_sustains_{START_RATE}"] = naive[key]["sustained"]
-        caps = (
-            opt["capacity_no_latency_bound"]["per_s"],
-            naive["capacity_no_latency_bound"]["per_s"],
-        )
-        if all(caps):
-            ratios["capacity_optimized_vs_naive"] = round(caps[0] / caps[1], 1)
-        ratios["redis_bytes_per_utterance_naive_vs_optimized"] = round(
-            naive["redis_bytes_written_per_utterance_metric"]
-            / max(opt["redis_bytes_written_per_utterance_metric"], 1),
-            1,
-        )
     print()
     print(
-        f"{'':12s}{'max sustained/s':>16s}{'p50@250 ms':>12s}{'p99@250 ms':>12s}"
-        f"{'redis B/utt':>13s}{'INFO B/utt':>12s}{'capacity/s':>12s}"
+        f"{'offered/s':>10s}{'pipe p50':>10s}{'pipe p99':>10s}{'echo p50':>10s}{'echo p99':>10s}"
+        f"{'p50 x':>8s}{'p99 x':>8s}{'pipe cpu/utt':>14s}{'echo cpu/utt':>14s}"
     )
-    for name, r in results.items():
-        k = r[f"at_{START_RATE}_per_s"]
+    for r in result["rates"]:
+        for label, row in [("", r), *((f" {k}", v) for k, v in r.get("variants", {}).items())]:
+            print(
+                f"{row['offered']:>10g}{row['pipeline_p50_ms']:>10g}{row['pipeline_p99_ms']:>10g}"
+                f"{row['echo_p50_ms']:>10g}{row['echo_p99_ms']:>10g}"
+                f"{row['p50_ratio'] or math.nan:>8.2f}{row['p99_ratio'] or math.nan:>8.2f}"
+                f"{row['pipeline_cpu_ms_per_utterance'] or math.nan:>12.3f}ms"
+                f"{row['echo_cpu_ms_per_utterance'] or math.nan:>12.3f}ms{label}"
+            )
+    at = next((r for r in result["rates"] if r["offered"] == CPU_RATE), None)
+    if at and at["breakdown_ms_per_utterance"]:
+        print(f"\nwhere the worker's time goes at {CPU_RATE}/s (ms per batch / per utterance):")
+        for stage in STAGES:
+            print(
+                f"  {stage:11s}{at['breakdown_ms_per_batch'][stage]:>9.3f}"
+                f"{at['breakdown_ms_per_utterance'][stage]:>10.4f}"
+            )
+    red = result["redis"]
+    print(
+        f"\nRedis bytes written per utterance: {red.get('metric')} (metric), "
+        f"{red.get('info_net_input')} (INFO net input); a stored call: {red['stored_call']}"
+    )
+    for k, v in result["capacity_no_latency_bound"].items():
+        print(f"capacity (no latency bound) {k}: {v}")
+    for k, v in goals.items():
         print(
-            f"{name:12s}{r['max_sustained_per_s']:>16g}{k['p50_ms']:>12g}{k['p99_ms']:>12g}"
-            f"{r['redis_bytes_written_per_utterance_metric']:>13d}"
-            f"{r['redis_net_input_bytes_per_utterance']:>12d}"
-            f"{r['capacity_no_latency_bound']['per_s'] or 0:>12g}"
+            f"target {k}: {v['goal']}; measured {v['measured']}; {'MET' if v['met'] else 'NOT MET'}"
         )
-    for key, value in ratios.items():
-        print(f"{key:45s} {value}")
 
     record = {
         "benchmark": "pipeline",
@@ -689,8 +915,9 @@ def main() -> int:
         "dirty_tree": bool(git("status", "--porcelain", "--untracked-files=no")),
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": machine(
-            shared="load generator, consumer, broker (Tansu), Redis and the worker "
-            "all run on these cores"
+            shared="load generator, consumers, broker (Tansu), Redis, the worker and the "
+            "echo all run on these cores",
+            load_average_at_start=[round(x, 2) for x in load_at_start] if load_at_start else None,
         ),
         "setup": {
             "calls": args.calls,
@@ -704,16 +931,21 @@ def main() -> int:
             "step_warmup_s": args.step_warmup_s,
             "pass": f"p99 < {P99_LIMIT_S * 1e3:.0f} ms and all events out within the "
             f"step + {KEEP_UP_S:g} s",
-            "latency": "producer.send of the input -> emotion event consumed, one clock",
+            "latency": "producer.send of the input -> output event consumed, one clock",
             "producer": "aiokafka, linger_ms=2, keyed by conversation id",
+            "echo": "benchmarks/echo.py: the worker's Kafka clients and StreamCore loop, "
+            "no model, no Redis; same broker, own topics and group",
+            "interleaving": "per rate one step of each, back to back, order alternating",
+            "cpu_per_utterance": "the stage process's user+system CPU over the step "
+            "(sending and the wait for every event) / utterances sent",
         },
         "quick": args.quick,
-        "results": results,
-        "ratios": ratios,
-        "targets": {
-            "optimized.max_sustained_per_s": ">= 1000",
-            f"optimized.at_{START_RATE}_per_s.p99_ms": "<= 50",
+        **result,
+        "ratios": {
+            "p99_pipeline_vs_echo": {str(r["offered"]): r["p99_ratio"] for r in result["rates"]},
+            "p50_pipeline_vs_echo": {str(r["offered"]): r["p50_ratio"] for r in result["rates"]},
         },
+        "targets": goals,
     }
     if not args.no_write:
         write_result("pipeline", record)

@@ -301,6 +301,16 @@ class StreamingEngine:
         labels = self.config.label_names
         results: list[list[UtteranceResult]] = []
         new_states: list[ConversationState] = []
+        if new is not None:
+            # conversation-major copies, so that each state's clone below is one
+            # contiguous copy (a state must not keep the whole batch alive: clones)
+            rume_h = new.rume_h.permute(2, 0, 1, 3).contiguous()  # (B, M, R, d)
+            win_x = new.win_x.permute(2, 0, 1, 3, 4).contiguous()  # (B, A, M, C, d)
+            # a one-modality model never reads win_s (model.network): its states hold
+            # zeros, one tensor shared by the batch (never written in place)
+            one = len(self._mods) == 1
+            zeros_s = new.win_s.new_zeros(new.win_s[:, :, 0].shape)  # (A, M, C, d)
+            win_s = None if one else new.win_s.permute(2, 0, 1, 3, 4).contiguous()
         for i, (chunk, state) in enumerate(zip(chunks, states, strict=True)):
             row = []
             for t, utt in enumerate(chunk):
@@ -329,9 +339,9 @@ class StreamingEngine:
                     ConversationState(
                         fingerprint=self.fingerprint,
                         position=state.position + len(chunk),
-                        rume_h=new.rume_h[:, :, i].clone(),
-                        win_x=new.win_x[:, :, i].clone(),
-                        win_s=new.win_s[:, :, i].clone(),
+                        rume_h=rume_h[i].clone(),
+                        win_x=win_x[i].clone(),
+                        win_s=zeros_s if win_s is None else win_s[i].clone(),
                         win_present=new.win_present[i].clone(),
                         speakers=speakers,
                     )

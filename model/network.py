@@ -38,7 +38,8 @@ class BatchState:
         rume_h: (M, R, B, d) GRU hidden state per modality and RUME layer.
         win_x: (A, M, B, C, d) the window's inputs to each ACME layer.
         win_s: (A, M, B, C, d) the window's self-attention outputs per layer
-            (the keys of the cross-modal attention).
+            (the keys of the cross-modal attention; a one-modality model has none
+            and never reads them: they stay zeros).
         win_present: (B, C, M) modality present in a window slot.
     """
 
@@ -441,14 +442,23 @@ class CFNESA(nn.Module):
 
         new_x: list[list[Tensor]] = []
         new_s: list[list[Tensor]] = []
+        # every row with the same number of new utterances (the usual batch: one
+        # each): the window moves by a slice instead of a gather
+        n_new = valid.sum(1)  # (B,)
+        uniform = int(n_new[0]) if return_state and bool((n_new == n_new[0]).all()) else None
+        # only cross-modal attentions read win_s: one modality, nothing to keep
+        keep_s = len(mods) > 1
         h = x_new
         for a, layer in enumerate(self.acme):
             x_cache = {m: cache(None if state is None else state.win_x, a, m) for m in mods}
             s_cache = {m: cache(None if state is None else state.win_s, a, m) for m in mods}
             out, s_new = layer(h, x_cache, s_cache, masks, key_live)
             if return_state:
-                new_x.append(self._shift_window(x_cache, h, valid))
-                new_s.append(self._shift_window(s_cache, s_new, valid))
+                new_x.append(self._shift_window(x_cache, h, valid, uniform))
+                if keep_s:
+                    new_s.append(self._shift_window(s_cache, s_new, valid, uniform))
+                else:
+                    new_s.append([s_cache[m] for m in mods])  # zeros, as they came
             h = out
 
         parts = []
@@ -465,14 +475,17 @@ class CFNESA(nn.Module):
             new_win = dict(
                 win_x=torch.stack([torch.stack(row) for row in new_x]),  # (A, M, B, C, d)
                 win_s=torch.stack([torch.stack(row) for row in new_s]),
-                win_present=self._take_last(key_present, valid),
+                win_present=self._take_last(key_present, valid, uniform),
             )
         return fused, new_win
 
-    def _take_last(self, seq_all: Tensor, valid: Tensor) -> Tensor:
+    def _take_last(self, seq_all: Tensor, valid: Tensor, uniform: int | None = None) -> Tensor:
         """The last C slots of ``cat(window, new)`` for each row, after its real
-        new utterances (rows are right-padded): (B, C + L, ...) -> (B, C, ...)."""
+        new utterances (rows are right-padded): (B, C + L, ...) -> (B, C, ...).
+        ``uniform``: every row has that many new utterances (a slice does it)."""
         c = self.cache_slots
+        if uniform is not None:
+            return seq_all[:, uniform : uniform + c]
         n_new = valid.sum(1)  # (B,)
         index = n_new.unsqueeze(1) + torch.arange(c, device=valid.device)  # (B, C)
         shape = index.shape + seq_all.shape[2:]
@@ -480,11 +493,15 @@ class CFNESA(nn.Module):
         return seq_all.gather(1, index)
 
     def _shift_window(
-        self, cached: dict[str, Tensor], new: dict[str, Tensor], valid: Tensor
+        self,
+        cached: dict[str, Tensor],
+        new: dict[str, Tensor],
+        valid: Tensor,
+        uniform: int | None = None,
     ) -> list[Tensor]:
         rows = []
         for m in self.modalities:
             old = cached[m]  # (B, C, d)
             cur = new[m] if m in new else old.new_zeros(old.shape[0], valid.shape[1], old.shape[2])
-            rows.append(self._take_last(torch.cat([old, cur], dim=1), valid))
+            rows.append(self._take_last(torch.cat([old, cur], dim=1), valid, uniform))
         return rows

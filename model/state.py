@@ -17,12 +17,18 @@ step) and one part per window slot, ``w{p % C}`` for the utterance at position
 only. Each part is little-endian::
 
     core:  b"CFNS" | u16 format version | u32 header length | header JSON | float32 blobs
-    slot:  b"CFNW" | u16 format version | u64 position | u8 presence bits | float32 blobs
+    slot:  b"CFNW" | u16 slot version 2 | u64 position | u8 presence bits | u8 flags
+           | float32 blobs: layer inputs (A, present, d), then, if flags bit 0, the
+           self-attention outputs (A, present, d)
 
 The header names the model fingerprint, position and speakers. A slot stores only
 the modalities present in its utterance (a phone call's state holds no visual
-window), so a state is as large as its call. `parts_size` is what a state costs
-to store whole.
+window), so a state is as large as its call. It stores the self-attention outputs
+only where the model reads them: the cross-modal attentions read them (text's of
+the other modalities, the others' of text), so a one-modality model (the shipped
+text-only one) never does, and its slots carry the layer inputs alone (half the
+bytes; those outputs load as zeros). Slots of version 1 (always both) are still
+read. `parts_size` is what a state costs to store whole.
 """
 
 from __future__ import annotations
@@ -41,8 +47,11 @@ from model.errors import FingerprintMismatchError, StateFormatError
 MAGIC = b"CFNS"
 FORMAT_VERSION = 1
 _HEAD = struct.Struct("<4sHI")
-_SLOT = struct.Struct("<4sHQB")  # magic, version, position, presence bits
+_SLOT_V1 = struct.Struct("<4sHQB")  # magic, version, position, presence bits
+_SLOT = struct.Struct("<4sHQBB")  # magic, version, position, presence bits, flags
 SLOT_MAGIC = b"CFNW"
+SLOT_VERSION = 2
+_SELF_OUTPUTS = 1  # slot flag: the self-attention outputs follow the layer inputs
 CORE = "core"
 
 
@@ -99,14 +108,24 @@ class ConversationState:
             blobs.append(_f32(torch.stack(list(self.speakers.values()))))
         parts = {CORE: _pack(self._header(), blobs)}
         first = max(self.position - slots, 0 if since is None else since)
+        if first >= self.position:
+            return parts
+        # one conversion to numpy, then plain slicing per slot (no per-element torch calls)
+        win_present = self.win_present.numpy()  # (C, M)
+        win_x = _np32(self.win_x)  # (A, M, C, d)
+        with_s = m_count > 1  # see the module docstring: only then is win_s ever read
+        win_s = _np32(self.win_s) if with_s else None
+        flags = _SELF_OUTPUTS if with_s else 0
         for p in range(first, self.position):
             j = p - (self.position - slots)
-            present = [i for i in range(m_count) if bool(self.win_present[j, i])]
+            row = win_present[j]
+            present = [i for i in range(m_count) if row[i]]
             bits = sum(1 << i for i in present)
-            body = [_SLOT.pack(SLOT_MAGIC, FORMAT_VERSION, p, bits)]
+            body = [_SLOT.pack(SLOT_MAGIC, SLOT_VERSION, p, bits, flags)]
             if present:
-                body.append(_f32(self.win_x[:, present, j]))
-                body.append(_f32(self.win_s[:, present, j]))
+                body.append(win_x[:, present, j].tobytes())
+                if win_s is not None:
+                    body.append(win_s[:, present, j].tobytes())
             parts[slot_name(p, slots)] = b"".join(body)
         return parts
 
@@ -141,16 +160,23 @@ class ConversationState:
                 blob = parts.get(slot_name(p, c))
                 if blob is None:
                     raise ValueError(f"window slot of position {p} missing")
-                smagic, sversion, spos, bits = _SLOT.unpack_from(blob)
-                if smagic != SLOT_MAGIC or sversion != FORMAT_VERSION:
+                smagic, sversion = _SLOT_V1.unpack_from(blob)[:2]
+                if smagic != SLOT_MAGIC or sversion not in (1, SLOT_VERSION):
                     raise ValueError(f"window slot of position {p}: bad magic or version")
+                if sversion == 1:  # written before version 2: both blobs, always
+                    _, _, spos, bits = _SLOT_V1.unpack_from(blob)
+                    flags, body_at = _SELF_OUTPUTS, _SLOT_V1.size
+                else:
+                    _, _, spos, bits, flags = _SLOT.unpack_from(blob)
+                    body_at = _SLOT.size
                 if spos != p:
                     raise ValueError(f"window slot holds position {spos}, expected {p}")
                 present = [i for i in range(m) if bits >> i & 1]
-                slot_reader = _Reader(blob, _SLOT.size)
+                slot_reader = _Reader(blob, body_at)
                 if present:
                     win_x[:, present, j] = slot_reader.f32((a, len(present), d))
-                    win_s[:, present, j] = slot_reader.f32((a, len(present), d))
+                    if flags & _SELF_OUTPUTS:
+                        win_s[:, present, j] = slot_reader.f32((a, len(present), d))
                     present_mask[j, present] = True
                 slot_reader.done()
         except (ValueError, struct.error) as exc:
@@ -225,7 +251,12 @@ def _unpack(data: bytes, expected_fingerprint: str | None) -> tuple[_Header, int
 
 
 def _f32(t: Tensor) -> bytes:
-    return t.detach().to(torch.float32).contiguous().numpy().astype("<f4", copy=False).tobytes()
+    return _np32(t).tobytes()
+
+
+def _np32(t: Tensor) -> np.ndarray:
+    """``t`` as a little-endian float32 numpy array (a view where it already is one)."""
+    return t.detach().to(torch.float32).numpy().astype("<f4", copy=False)
 
 
 class _Reader:

@@ -70,6 +70,15 @@ class StreamCore:
         on_point: called at ``after_poll``, ``after_produce``, ``after_commit`` (fault
             injection in the crash tests).
         on_commit_refused: called when a rebalance refused an offset commit (a metric).
+        overlap: `run_batch` returns once the batch is processed; its produce and
+            commit go on while the caller polls and processes the next batch, whose
+            produce waits for them (`settle`), so outputs and offsets keep their order.
+            Only for a ``process`` that persists what the outputs need before it
+            returns (the worker), with an ``after_produce`` that does not read state
+            the next ``process`` changes.
+        on_timing: called with (stage, seconds) for the core's stages of a batch:
+            ``poll_wait`` (until the first record), ``batch_fill`` (waiting for more),
+            ``produce`` and ``commit`` (a metric: where a batch's time goes).
         backoff: makes the retry schedule of one step.
     """
 
@@ -85,6 +94,8 @@ class StreamCore:
         on_outage: Callable[[str], None] | None = None,
         on_point: Callable[[str], None] | None = None,
         on_commit_refused: Callable[[], None] | None = None,
+        on_timing: Callable[[str, float], None] | None = None,
+        overlap: bool = False,
         backoff: Callable[[], Backoff] = Backoff,
     ) -> None:
         self.consumer = consumer
@@ -96,6 +107,9 @@ class StreamCore:
         self.on_outage = on_outage or (lambda _service: None)
         self.on_point = on_point or (lambda _point: None)
         self.on_commit_refused = on_commit_refused or (lambda: None)
+        self.on_timing = on_timing or (lambda _stage, _seconds: None)
+        self.overlap = overlap
+        self._finishing: asyncio.Task[bool] | None = None  # produce + commit in flight
         self.new_backoff = backoff
 
     # ------------------------------------------------------------ start, stop
@@ -154,10 +168,15 @@ class StreamCore:
         """Up to ``max_records``: wait up to 200 ms for the first, then at most
         ``max_wait_ms`` more for the batch to fill."""
         self.health.beat()
+        if self._finishing is not None and self._finishing.done():
+            await self.settle()  # what it raised (a fatal error) surfaces now
+        started = time.perf_counter()
         found = await self.consumer.getmany(timeout_ms=200, max_records=max_records)
         records = [r for part in found.values() for r in part]
         if not records:
             return records
+        first = time.perf_counter()
+        self.on_timing("poll_wait", first - started)
         deadline = time.monotonic() + max_wait_ms / 1000
         while len(records) < max_records:
             left_ms = int((deadline - time.monotonic()) * 1000)
@@ -167,6 +186,7 @@ class StreamCore:
                 timeout_ms=left_ms, max_records=max_records - len(records)
             )
             records.extend(r for part in more.values() for r in part)
+        self.on_timing("batch_fill", time.perf_counter() - first)
         self.on_point("after_poll")
         return records
 
@@ -187,12 +207,42 @@ class StreamCore:
         ok, messages = await self.retry(lambda: process(records), stop, what="batch")
         if not ok or messages is None:
             return False
+        if not self.overlap:
+            return await self._finish(records, messages, stop, after_produce)
+        # the previous batch's outputs and offsets first: the order per partition
+        if not await self.settle():
+            return False
+        self._finishing = asyncio.create_task(self._finish(records, messages, stop, after_produce))
+        return True
+
+    async def settle(self) -> bool:
+        """Wait for the batch whose produce and commit are in flight (``overlap``);
+        False if it was stopped during an outage (nothing of it committed).
+
+        Raises:
+            streaming.errors.FatalError: what that batch's produce raised.
+        """
+        task, self._finishing = self._finishing, None
+        return True if task is None else await task
+
+    async def _finish(
+        self,
+        records: Sequence[ConsumerRecord],
+        messages: list[Message],
+        stop: asyncio.Event,
+        after_produce: Callable[[], Awaitable[Any]] | None,
+    ) -> bool:
+        """Produce, run ``after_produce``, commit; False when stopped in an outage."""
+        started = time.perf_counter()
         if not (await self.retry(lambda: self.produce(messages), stop, service="kafka"))[0]:
             return False
+        self.on_timing("produce", time.perf_counter() - started)
         self.on_point("after_produce")
         if after_produce is not None and not (await self.retry(after_produce, stop))[0]:
             return False
+        started = time.perf_counter()
         await self.commit(records)
+        self.on_timing("commit", time.perf_counter() - started)
         self.on_point("after_commit")
         return True
 

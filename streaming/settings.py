@@ -210,6 +210,11 @@ class WorkerSettings(CommonSettings):
     max_wait_ms: int = Field(
         default=2, ge=0, description="after the first input of a batch, wait this long for more"
     )
+    overlap_batches: bool = Field(
+        default=False,
+        description="produce and commit a batch while the next one is polled and processed "
+        "(outputs and offsets stay in order; issue 15 measured it: docs/pipeline.md)",
+    )
     state_cache: bool = Field(
         default=True, description="keep owned conversations' states in memory"
     )

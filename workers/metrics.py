@@ -14,12 +14,52 @@ from prometheus_client import (
     Counter,
     Gauge,
     Histogram,
+    ProcessCollector,
     generate_latest,
 )
 
 log = logging.getLogger(__name__)
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+# stages are shorter than whole batches: finer at the bottom
+_STAGE_BUCKETS = (
+    0.0001,
+    0.00025,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    1.0,
+    5.0,
+)
+# The stages of one worker batch, in loop order (cfnesa_stage_seconds{stage}):
+#   poll_wait  waiting for the batch's first record (idle time included)
+#   batch_fill after the first record, waiting up to max_wait_ms for more
+#   validate   parse, validate and decode the records, group by call
+#   load       conversations from the cache or Redis
+#   step       the model step (in the executor thread, awaited)
+#   events     model results to output events, alerts and the state write
+#   persist    the compare-and-set round trip to Redis
+#   outputs    re-emitted duplicates, dead letters, per-event metrics
+#   produce    send the outputs and await the acknowledgements
+#   commit     the offset commit
+STAGES = (
+    "poll_wait",
+    "batch_fill",
+    "validate",
+    "load",
+    "step",
+    "events",
+    "persist",
+    "outputs",
+    "produce",
+    "commit",
+)
 
 
 class WorkerMetrics:
@@ -99,6 +139,18 @@ class WorkerMetrics:
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
+        self.stage_seconds = Histogram(
+            "cfnesa_stage_seconds",
+            "Where a batch's time goes, by stage (STAGES): each observed once per batch",
+            ["stage"],
+            buckets=_STAGE_BUCKETS,
+            registry=r,
+        )
+        for stage in STAGES:  # exported from the start, zero until observed
+            self.stage_seconds.labels(stage)
+        # process_cpu_seconds_total & co.: CPU per utterance is its rate over
+        # cfnesa_events_in_total's (Linux only; elsewhere the collector exports nothing)
+        ProcessCollector(registry=r)
         self.lag = Gauge(
             "cfnesa_consumer_lag", "Input events not yet read, all partitions", registry=r
         )
@@ -111,6 +163,10 @@ class WorkerMetrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+    def timing(self, stage: str, seconds: float) -> None:
+        """Observe ``seconds`` spent in ``stage`` (one of STAGES) by one batch."""
+        self.stage_seconds.labels(stage).observe(seconds)
 
 
 class FeaturizerMetrics:

@@ -33,7 +33,7 @@ import logging
 import os
 import signal
 import time
-from collections import defaultdict
+from collections import defaultdict, deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -155,7 +155,8 @@ class Worker:
         self._core: StreamCore | None = None
         self._ops: asyncio.Server | None = None
         self.processed = 0  # utterances stepped by this process
-        self._outgoing: list[str] = []  # types of the batch's output messages
+        # types of each processed batch's output messages, until produced (in order)
+        self._outgoing: deque[list[str]] = deque()
 
     @property
     def cache(self) -> Any:
@@ -215,6 +216,8 @@ class Worker:
             on_outage=lambda service: self.metrics.outages.labels(service).inc(),
             on_point=self.faults.reach,
             on_commit_refused=self.metrics.commit_failures.inc,
+            on_timing=self.metrics.timing,
+            overlap=s.overlap_batches,
         )
         if not await core.start_clients(stop):
             return False
@@ -265,14 +268,20 @@ class Worker:
             self.metrics.batch_seconds.observe(time.monotonic() - started)
             self.metrics.last_batch.set(time.time())
             await self._update_lag()
+        await core.settle()  # the batch whose produce and commit are in flight
 
     async def process(self, records: Sequence[ConsumerRecord]) -> list[Message]:
         """One batch, from validation to persisted state: its output messages."""
+        started = time.perf_counter()
         batch = intake(records, self.expect)
         for kind in batch.types:
             self.metrics.events_in.labels(kind).inc()
+        self.metrics.timing("validate", time.perf_counter() - started)
         done = await self._persisted(batch)
-        return await self._outputs(batch, done)
+        started = time.perf_counter()
+        out = await self._outputs(batch, done)
+        self.metrics.timing("outputs", time.perf_counter() - started)
+        return out
 
     async def _persisted(self, batch: Intake) -> dict[str, tuple[Step, Outcome]]:
         """Plan, step and persist every conversation; conflicting ones are reloaded and
@@ -282,11 +291,15 @@ class Worker:
         for _round in range(CONFLICT_ROUNDS):
             if not pending:
                 return done
+            started = time.perf_counter()
             convs = await self.conversations.load({c: batch.partitions[c] for c in pending})
             steps = [plan(c, convs[c], batch.partitions[c], items) for c, items in pending.items()]
+            self.metrics.timing("load", time.perf_counter() - started)
             outcomes = await self._step(steps)
             commits = [o.commit for o in outcomes if o.commit is not None]
+            started = time.perf_counter()
             results = await self.store.commit(commits)
+            self.metrics.timing("persist", time.perf_counter() - started)
             self.metrics.redis_bytes.inc(sum(c.size for c in commits))
             refused = {c.conversation_id for c, r in zip(commits, results, strict=True) if not r.ok}
             self.faults.reach("after_persist")
@@ -332,16 +345,15 @@ class Worker:
         for rec, error in dead:
             m.dead_letters.labels(error.reason.value).inc()
             out.append(_dead_letter(rec, error, s.dlq_topic))
-        self._outgoing = [
-            "dead_letter" if msg.topic == s.dlq_topic else event_type(msg.value) for msg in out
-        ]
+        self._outgoing.append(
+            ["dead_letter" if msg.topic == s.dlq_topic else event_type(msg.value) for msg in out]
+        )
         return out
 
     async def _count_produced(self) -> None:
         """After the batch's outputs are acknowledged: count them by type."""
-        for kind in self._outgoing:
+        for kind in self._outgoing.popleft() if self._outgoing else ():
             self.metrics.events_out.labels(kind).inc()
-        self._outgoing = []
 
     # ----------------------------------------------------------------- step
 
@@ -383,10 +395,14 @@ class Worker:
                         )
                         p.chunk = []
             self.metrics.step_seconds.observe(time.perf_counter() - started)
+            self.metrics.timing("step", time.perf_counter() - started)
             self.metrics.batch_size.observe(sum(len(c) for c in chunks))
             self.faults.reach("after_step")
             self.processed += sum(len(o) for o, _ in results.values())
-        return [self.mapper.outcome(p, results.get(p.cid)) for p in steps]
+        started = time.perf_counter()
+        outcomes = [self.mapper.outcome(p, results.get(p.cid)) for p in steps]
+        self.metrics.timing("events", time.perf_counter() - started)
+        return outcomes
 
     # ------------------------------------------------------------- offsets
 
@@ -427,6 +443,8 @@ class _Listener(ConsumerRebalanceListener):
 
     async def on_partitions_revoked(self, revoked: Any) -> None:
         async with self.worker._lock:
+            if self.worker._core is not None:
+                await self.worker._core.settle()  # its commit, before the partitions go
             self.worker.forget_partitions({tp.partition for tp in revoked})
         log.info("partitions revoked: %s", sorted(tp.partition for tp in revoked))
 

@@ -14,6 +14,7 @@ from support import FEATURE_SPEC, Call, Collector, Pipeline, produce, reference,
 
 from streaming.alerts import AlertRules
 from streaming.events import end_event, utterance_event
+from streaming.state_store import unpack_event
 
 pytestmark = pytest.mark.slow
 
@@ -109,7 +110,7 @@ async def test_customer_only_policy_keeps_nothing_about_the_agent(pipeline: Pipe
         for call in calls:
             key = f"{s.key_prefix}:{{{call.cid}}}"
             for raw in await client.lrange(f"{key}:events", 0, -1):
-                event = json.loads(raw)
+                event = json.loads(unpack_event(raw))
                 assert "A" not in json.dumps(event.get("speakers", {})), event
                 if event["type"] != "summary":
                     assert event["speaker"] == "C"
