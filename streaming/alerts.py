@@ -7,6 +7,7 @@ exactly the alerts of the first run, with the same event ids.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import tomllib
@@ -497,6 +498,13 @@ class SentimentTrack:
         self.width: int = d.get("w", 1)
         self.buckets: list[list[int]] = [list(b) for b in d.get("b", ())]
 
+    def copy(self) -> SentimentTrack:
+        new = SentimentTrack.__new__(SentimentTrack)
+        new.n, new.total, new.low = self.n, self.total, self.low
+        new.negatives, new.width = self.negatives, self.width
+        new.buckets = [list(b) for b in self.buckets]
+        return new
+
     def add(self, sentiment: float, negative: bool) -> None:
         self.n += 1
         self.total = round(self.total + sentiment, 6)
@@ -597,6 +605,14 @@ class _Speaker:
             sentiment=SentimentTrack(s.get("sentiment")),
         )
 
+    def copy(self) -> _Speaker:
+        return dataclasses.replace(
+            self,
+            counts=dict(self.counts or {}),
+            recent=[list(r) for r in self.recent or ()],
+            sentiment=self.sentiment.copy() if self.sentiment is not None else None,
+        )
+
     def to_dict(self) -> dict[str, Any]:
         """The fields that differ from a new speaker's (stored with every utterance)."""
         full = {
@@ -692,6 +708,16 @@ class CallTracker:
     @classmethod
     def from_json(cls, raw: bytes | None) -> CallTracker:
         return cls(json.loads(raw) if raw else None)
+
+    def copy(self) -> CallTracker:
+        """An independent copy (what `from_json(to_json())` gives, without the JSON)."""
+        new = CallTracker.__new__(CallTracker)
+        new.__dict__.update(self.__dict__)
+        new.last_features = {}
+        new.fired = {k: list(v) for k, v in self.fired.items()}
+        new.speakers = {n: s.copy() for n, s in self.speakers.items()}
+        new.roles = {r: t.copy() for r, t in self.roles.items()}
+        return new
 
     def role_of(self, speaker: str, given: str | None = None) -> str:
         """The speaker's role: ``given`` (the input's ``role``), else the one they were

@@ -77,7 +77,7 @@ class EventMapper:
     ) -> Outcome:
         """The events and the state write of one conversation's step."""
         conv = step.conv
-        tracker = CallTracker(dict(json.loads(conv.tracker.to_json())))  # a copy
+        tracker = conv.tracker.copy()  # the cached one stays as stored until the commit
         out = Outcome(None, [], conv)
         new_seq = conv.seq
         state = conv.state

@@ -405,6 +405,11 @@ def test_round_trip_mid_call_gives_the_same_alerts(items, rules, data):
     got = _observe_all(first, rules, items[:split], 0)
     raw = first.to_json()
     assert CallTracker.from_json(raw).to_json() == raw
+    # a copy is independent: the worker works on one and keeps the cached one as stored
+    twin = first.copy()
+    assert twin.to_json() == raw
+    assert _observe_all(twin, rules, items[split:], split) == expected[split:]
+    assert first.to_json() == raw
     resumed = CallTracker.from_json(raw)
     got += _observe_all(resumed, rules, items[split:], split)
 
