@@ -496,7 +496,10 @@ class SentimentTrack:
         self.low: float | None = d.get("m")
         self.negatives: int = d.get("g", 0)
         self.width: int = d.get("w", 1)
-        self.buckets: list[list[int]] = [list(b) for b in d.get("b", ())]
+        # stored as the sums and the last bucket's count: the others hold `width` each
+        sums: list[int] = list(d.get("b", ()))
+        counts = [self.width] * (len(sums) - 1) + [d.get("c", self.width)] if sums else []
+        self.buckets: list[list[int]] = [[v, n] for v, n in zip(sums, counts, strict=True)]
 
     def copy(self) -> SentimentTrack:
         new = SentimentTrack.__new__(SentimentTrack)
@@ -531,7 +534,8 @@ class SentimentTrack:
             "m": self.low,
             "g": self.negatives,
             "w": self.width,
-            "b": self.buckets,
+            "b": [b[0] for b in self.buckets],
+            "c": self.buckets[-1][1] if self.buckets else 0,
         }
 
     def thirds(self) -> tuple[float, float] | None:
@@ -758,7 +762,8 @@ class CallTracker:
         position among the observed ones); ``role`` as in `role_of`.
         """
         probs = probabilities if probabilities is not None else {emotion: confidence}
-        p_negative = sum(p for label, p in probs.items() if label in rules.negative_emotions)
+        negative_mass = sum(p for label, p in probs.items() if label in rules.negative_emotions)
+        p_negative = round(negative_mass, 6)  # as many decimals as the probabilities
         sentiment = self.last_sentiment = rules.sentiment(probs)
         seq = self.utterances if seq is None else seq
         role = self.role_of(speaker, role)
