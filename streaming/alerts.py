@@ -690,6 +690,8 @@ class CallTracker:
         self.roles: dict[str, SentimentTrack] = {
             r: SentimentTrack(t) for r, t in d.get("roles", {}).items()
         }
+        # role -> the one speaker whose own track is the role's (see _role_track)
+        self.role_owner: dict[str, str] = dict(d.get("role_owner", {}))
 
     def to_json(self) -> bytes:
         data = {
@@ -706,6 +708,7 @@ class CallTracker:
             "fired": self.fired,
             "speakers": {name: s.to_dict() for name, s in self.speakers.items()},
             "roles": {r: t.to_dict() for r, t in self.roles.items()},
+            "role_owner": self.role_owner,
         }
         return json.dumps(data, separators=(",", ":")).encode()
 
@@ -721,6 +724,7 @@ class CallTracker:
         new.fired = {k: list(v) for k, v in self.fired.items()}
         new.speakers = {n: s.copy() for n, s in self.speakers.items()}
         new.roles = {r: t.copy() for r, t in self.roles.items()}
+        new.role_owner = dict(self.role_owner)
         return new
 
     def role_of(self, speaker: str, given: str | None = None) -> str:
@@ -816,8 +820,8 @@ class CallTracker:
         )
         s.recent = [*recent, [seq, emotion, confidence, sentiment]]
         track = s.sentiment = s.sentiment or SentimentTrack()
+        self._role_track(speaker, track, role, sentiment, negative)
         track.add(sentiment, negative)
-        self.roles.setdefault(role, SentimentTrack()).add(sentiment, negative)
 
         onset = rules.negative_onset
         score = 0.0
@@ -899,6 +903,44 @@ class CallTracker:
         s.alerts += len(alerts)
         self.alerts += len(alerts)
         return alerts
+
+    def _role_track(
+        self, speaker: str, mine: SentimentTrack, role: str, sentiment: float, negative: bool
+    ) -> None:
+        """Count an utterance in its role's figures, before the speaker's own ``mine``.
+
+        A role spoken by one speaker only, all of whose utterances were in that role
+        (the usual call: one agent, one customer), has no track of its own: its
+        owner's track is the role's (``role_owner``), so the tracker stored with every
+        utterance does not hold the same figures twice. The role gets its own track,
+        a copy of the owner's, when a second speaker speaks in it or the owner
+        changes role.
+        """
+        for held, owner in list(self.role_owner.items()):
+            if owner == speaker and held != role:  # the owner changes role
+                self.roles[held] = mine.copy()
+                del self.role_owner[held]
+        if role in self.roles:
+            self.roles[role].add(sentiment, negative)
+        elif self.role_owner.get(role) == speaker:
+            pass  # the speaker's own track, added to by the caller
+        elif role not in self.role_owner and mine.n == 0:
+            self.role_owner[role] = speaker
+        else:
+            owner = self.role_owner.pop(role, None)
+            found = self.speakers[owner].sentiment if owner is not None else None
+            shared = found.copy() if found is not None else SentimentTrack()
+            shared.add(sentiment, negative)
+            self.roles[role] = shared
+
+    def _role_tracks(self) -> dict[str, SentimentTrack]:
+        """Every role's track (an owned role's is its owner's)."""
+        out = dict(self.roles)
+        for role, owner in self.role_owner.items():
+            track = self.speakers[owner].sentiment
+            if track is not None:
+                out[role] = track
+        return out
 
     @staticmethod
     def _rearmed(rules: AlertRules, name: str, s: _Speaker) -> bool:
@@ -982,7 +1024,7 @@ class CallTracker:
                 "shifts": sum(s.shifts for s in observed.values() if s.role == role),
                 "alerts": sum(s.alerts for s in observed.values() if s.role == role),
             }
-            for role, track in sorted(self.roles.items())
+            for role, track in sorted(self._role_tracks().items())
             if track.n
         }
         return {

@@ -389,3 +389,39 @@ def test_the_shipped_examples_load():
     ]
     assert all(full.rule(n).roles == {"customer"} for n in full.rule_names())
     assert full.sentiment_below.seconds == 20
+
+
+@settings(max_examples=150)
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["A", "B", "C"]),
+            st.sampled_from([None, "agent", "customer", "other"]),
+            st.sampled_from(["neutral", "joy", "anger", "sadness"]),
+            st.sampled_from([0.4, 0.9]),
+        ),
+        max_size=60,
+    ),
+    st.integers(0, 60),
+)
+def test_role_figures_equal_a_track_per_role(items, split):
+    """Roles share their owner's track until a second speaker or a role change: the
+    figures are those of an explicit track per role, also across a restore."""
+    r = rules()
+    t = CallTracker()
+    reference: dict[str, SentimentTrack] = {}
+    for k, (spk, role, emotion, p) in enumerate(items):
+        if k == split:
+            t = CallTracker.from_json(t.to_json())
+        say(t, r, spk, emotion, p=p, role=role)
+        reference.setdefault(t.role_of(spk), SentimentTrack()).add(
+            t.last_sentiment, emotion in ("anger", "sadness")
+        )
+    got = {
+        role: {k: v for k, v in f.items() if k.startswith(("sent", "utt", "neg"))}
+        for role, f in t.summary()["roles"].items()
+    }
+    assert got == {role: tr.figures() for role, tr in reference.items()}
+    # the stored tracker holds a role's own track only where one is needed
+    stored = json.loads(t.to_json())
+    assert not set(stored["roles"]) & set(stored["role_owner"])
