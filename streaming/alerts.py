@@ -927,8 +927,8 @@ class CallTracker:
         elif role not in self.role_owner and mine.n == 0:
             self.role_owner[role] = speaker
         else:
-            owner = self.role_owner.pop(role, None)
-            found = self.speakers[owner].sentiment if owner is not None else None
+            owner = self.role_owner.pop(role, "")
+            found = self.speakers[owner].sentiment if owner else None
             shared = found.copy() if found is not None else SentimentTrack()
             shared.add(sentiment, negative)
             self.roles[role] = shared
