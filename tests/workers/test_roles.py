@@ -118,7 +118,9 @@ async def test_customer_only_policy_keeps_nothing_about_the_agent(pipeline: Pipe
             # the agent: the role, and nothing about an emotion
             assert app["speakers"]["A"] == {"role": "agent"}
             assert app["speakers"]["C"]["counts"] and app["speakers"]["C"]["sentiment"]["n"]
-            assert set(app["roles"]) == {"customer"}
+            # no sentiment figures of the agent's role either (the customer's role shares
+            # the customer's own track: one speaker in it)
+            assert app["roles"] == {} and app["role_owner"] == {"customer": "C"}
     finally:
         await client.aclose()
 
