@@ -23,12 +23,11 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.structs import ConsumerRecord
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from streaming.processor import Message, StreamCore
+from streaming.processor import Message, StreamCore, worker_kafka_clients
 from streaming.security import kafka_client_options
 from streaming.settings import WorkerSettings
 
@@ -55,30 +54,7 @@ async def run(settings: WorkerSettings, stop: asyncio.Event) -> None:
     s = settings
     security = kafka_client_options(s)
     servers = s.bootstrap_servers()
-    # the worker's options (workers/worker.py, Worker.start)
-    producer = AIOKafkaProducer(
-        bootstrap_servers=servers,
-        acks="all",
-        linger_ms=1,
-        max_request_size=max(s.max_message_bytes * 2, 1_048_576),
-        request_timeout_ms=15_000,
-        **security,
-    )
-    consumer = AIOKafkaConsumer(
-        bootstrap_servers=servers,
-        group_id=s.group_id,
-        group_instance_id=s.group_instance_id,
-        rebalance_timeout_ms=s.rebalance_timeout_ms,
-        enable_auto_commit=False,
-        auto_offset_reset="earliest",
-        session_timeout_ms=s.session_timeout_ms,
-        heartbeat_interval_ms=s.heartbeat_interval_ms,
-        max_poll_interval_ms=s.max_poll_interval_ms,
-        fetch_max_wait_ms=s.fetch_max_wait_ms,
-        fetch_max_bytes=max(s.max_message_bytes * 4, 52_428_800),
-        max_partition_fetch_bytes=max(s.max_message_bytes * 2, 1_048_576),
-        **security,
-    )
+    producer, consumer = worker_kafka_clients(s, security)  # the worker's very clients
     core = StreamCore(consumer, producer, servers=servers, security=security)
 
     async def process(records: Sequence[ConsumerRecord]) -> list[Message]:

@@ -815,10 +815,8 @@ class CallTracker:
             s.low_run, s.low_since = 0, None
             s.fine_run += 1
         s.p_negative = p_negative
-        recent = (
-            (s.recent or [])[-(rules.evidence_size() - 1) :] if rules.evidence_size() > 1 else []
-        )
-        s.recent = [*recent, [seq, emotion, confidence, sentiment]]
+        keep = rules.evidence_size() - 1  # >= 1: the previous utterance and this one at least
+        s.recent = [*(s.recent or [])[-keep:], [seq, emotion, confidence, sentiment]]
         track = s.sentiment = s.sentiment or SentimentTrack()
         self._role_track(speaker, track, role, sentiment, negative)
         track.add(sentiment, negative)

@@ -28,7 +28,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.errors import KafkaError
@@ -38,6 +38,9 @@ from streaming.errors import MissingTopicError, StreamError
 from streaming.faults import Backoff, Health, classify
 from streaming.security import start_kafka_client
 from streaming.topics import next_offsets
+
+if TYPE_CHECKING:
+    from streaming.settings import WorkerSettings
 
 __all__ = ["Message", "StreamCore"]
 
@@ -313,3 +316,35 @@ class StreamCore:
             self.health.recover()
             self.health.beat()
             return True, result
+
+
+def worker_kafka_clients(
+    s: WorkerSettings, security: dict[str, Any]
+) -> tuple[AIOKafkaProducer, AIOKafkaConsumer]:
+    """The emotion worker's producer and group consumer (not started); benchmarks/echo.py
+    measures the broker's floor with these very clients."""
+    servers = s.bootstrap_servers()
+    producer = AIOKafkaProducer(
+        bootstrap_servers=servers,
+        acks="all",
+        linger_ms=1,
+        max_request_size=max(s.max_message_bytes * 2, 1_048_576),
+        request_timeout_ms=15_000,
+        **security,
+    )
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=servers,
+        group_id=s.group_id,
+        group_instance_id=s.group_instance_id,
+        rebalance_timeout_ms=s.rebalance_timeout_ms,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        session_timeout_ms=s.session_timeout_ms,
+        heartbeat_interval_ms=s.heartbeat_interval_ms,
+        max_poll_interval_ms=s.max_poll_interval_ms,
+        fetch_max_wait_ms=s.fetch_max_wait_ms,
+        fetch_max_bytes=max(s.max_message_bytes * 4, 52_428_800),
+        max_partition_fetch_bytes=max(s.max_message_bytes * 2, 1_048_576),
+        **security,
+    )
+    return producer, consumer

@@ -186,7 +186,7 @@ def _missing(why: str) -> None:
     """A missing tool fails the test (a skip would hide a broken set-up), unless
     CFNESA_ALLOW_NO_TLS_TOOLS=1 is set by hand on a machine that cannot have it."""
     if os.environ.get("CFNESA_ALLOW_NO_TLS_TOOLS") == "1":
-        pytest.skip(why)
+        pytest.skip(f"CFNESA_ALLOW_NO_TLS_TOOLS=1 and {why}")
     pytest.fail(f"{why} (set CFNESA_ALLOW_NO_TLS_TOOLS=1 to skip instead)")
 
 

@@ -38,7 +38,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener
+from aiokafka import ConsumerRebalanceListener
 from aiokafka.errors import KafkaError
 from aiokafka.structs import ConsumerRecord
 
@@ -58,7 +58,7 @@ from streaming.events import (
     dump_event,
 )
 from streaming.faults import Health
-from streaming.processor import Message, StreamCore
+from streaming.processor import Message, StreamCore, worker_kafka_clients
 from streaming.security import kafka_client_options, redact_url
 from streaming.settings import WorkerSettings
 from streaming.state_store import StateStore
@@ -183,29 +183,7 @@ class Worker:
             self._ops = await serve_ops(s.metrics_host, s.metrics_port, self.metrics, self.health)
         security = kafka_client_options(s)
         servers = s.bootstrap_servers()
-        producer = AIOKafkaProducer(
-            bootstrap_servers=servers,
-            acks="all",
-            linger_ms=1,
-            max_request_size=max(s.max_message_bytes * 2, 1_048_576),
-            request_timeout_ms=15_000,
-            **security,
-        )
-        consumer = AIOKafkaConsumer(
-            bootstrap_servers=servers,
-            group_id=s.group_id,
-            group_instance_id=s.group_instance_id,
-            rebalance_timeout_ms=s.rebalance_timeout_ms,
-            enable_auto_commit=False,
-            auto_offset_reset="earliest",
-            session_timeout_ms=s.session_timeout_ms,
-            heartbeat_interval_ms=s.heartbeat_interval_ms,
-            max_poll_interval_ms=s.max_poll_interval_ms,
-            fetch_max_wait_ms=s.fetch_max_wait_ms,
-            fetch_max_bytes=max(s.max_message_bytes * 4, 52_428_800),
-            max_partition_fetch_bytes=max(s.max_message_bytes * 2, 1_048_576),
-            **security,
-        )
+        producer, consumer = worker_kafka_clients(s, security)
         core = self._core = StreamCore(
             consumer,
             producer,
